@@ -1,0 +1,107 @@
+"""Time vLLM 0.32's CPU LoRA ops against vllm_t2l's grouped ones on SmolLM2-135M shapes.
+
+One measured call = the LoRA work of one decoder layer's q_proj (576 -> 576) and v_proj
+(576 -> 192) at rank 8: shrink into a float32 buffer, then expand_slice into the output, as
+PunicaWrapperCPU.add_lora_linear does. "decode" uses the bgmv ops with adapters interleaved
+token by token; "prefill" uses the sgmv ops with one adapter per request (contiguous runs).
+All 16 adapter slots are filled; no token uses -1, so both implementations compute the same.
+
+    python -m benchmarks.cpu_lora_ops            # from the repo root
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from vllm.lora.ops.torch_ops import lora_ops
+
+from vllm_t2l.serving import cpu_ops
+
+HIDDEN, RANK, SLOTS = 576, 8, 16
+MODULES = {"q_proj": 576, "v_proj": 192}
+TOKENS = (64, 128, 256)
+ADAPTERS = (1, 3, 16)
+DTYPES = (torch.bfloat16, torch.float32)
+RESULTS = Path(__file__).parent / "results" / "cpu_lora_ops.md"
+
+
+def _mapping(tokens: int, adapters: int, path: str) -> torch.Tensor:
+    if path == "decode":  # one token per request, adapters interleaved
+        return (torch.arange(tokens) % adapters)[torch.randperm(tokens)]
+    requests = max(adapters, 4)  # contiguous runs, one adapter per request
+    return torch.arange(requests).repeat_interleave(tokens // requests) % adapters
+
+
+def _layer_step(ops, path, x, weights, buffers, out, indices):
+    """q_proj and v_proj LoRA for one layer: shrink, then expand_slice at each slice offset."""
+    if path == "decode":
+        meta = (indices,)
+    else:
+        idx, lens = torch.unique_consecutive(indices, return_counts=True)
+        meta = (torch.cumsum(lens, 0) - lens, lens, idx, idx.numel(), int(lens.max()),
+                indices.numel())
+    shrink, expand = ("bgmv_shrink", "bgmv_expand_slice") if path == "decode" else (
+        "sgmv_shrink", "sgmv_expand_slice")
+    offset = 0
+    for (a, b), buf, size in zip(weights, buffers, MODULES.values()):
+        ops[shrink](x, a, buf, *meta, 1.0)
+        ops[expand](buf, b, out, *meta, offset, size, True)
+        offset += size
+
+
+def _time(fn, min_seconds=0.3) -> float:
+    """Median seconds per call after a warm-up."""
+    for _ in range(3):
+        fn()
+    samples, start = [], time.perf_counter()
+    while time.perf_counter() - start < min_seconds or len(samples) < 5:
+        t = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t)
+    return statistics.median(samples)
+
+
+def main() -> str:
+    torch.manual_seed(0)
+    original = {name: getattr(lora_ops, name) for name in cpu_ops.GROUPED_OPS}
+    rows = []
+    for dtype in DTYPES:
+        weights = [(torch.randn(SLOTS, 1, RANK, HIDDEN).to(dtype),
+                    torch.randn(SLOTS, 1, out, RANK).to(dtype)) for out in MODULES.values()]
+        for path in ("decode", "prefill"):
+            for tokens in TOKENS:
+                for adapters in ADAPTERS:
+                    indices = _mapping(tokens, adapters, path)
+                    x = torch.randn(tokens, HIDDEN).to(dtype)
+                    buffers = [torch.zeros(tokens, RANK) for _ in MODULES]
+                    out = torch.zeros(tokens, sum(MODULES.values()), dtype=dtype)
+                    times = [_time(lambda ops=ops: _layer_step(ops, path, x, weights, buffers,
+                                                               out, indices))
+                             for ops in (original, cpu_ops.GROUPED_OPS)]
+                    rows.append((str(dtype).removeprefix("torch."), path, tokens, adapters,
+                                 times[0] * 1e3, times[1] * 1e3, times[0] / times[1]))
+    ratios = [r[-1] for r in rows]
+    lines = [
+        f"CPU LoRA ops, one layer's q_proj+v_proj (hidden {HIDDEN}, rank {RANK}, {SLOTS} slots), "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads.",
+        "",
+        "| dtype | path | tokens | adapters | vLLM ms | grouped ms | speedup |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        *(f"| {d} | {p} | {t} | {a} | {o:.3f} | {g:.3f} | {s:.1f}x |"
+          for d, p, t, a, o, g, s in rows),
+        "",
+        f"Speedup: geometric mean {statistics.geometric_mean(ratios):.1f}x, "
+        f"min {min(ratios):.1f}x, max {max(ratios):.1f}x.",
+    ]
+    table = "\n".join(lines) + "\n"
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(table)
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()

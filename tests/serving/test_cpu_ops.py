@@ -1,0 +1,331 @@
+"""Tests for vllm_t2l.serving.cpu_ops: grouped CPU LoRA ops and their installation into vLLM.
+
+Each op is checked (a) against vLLM's own torch op on mappings without -1, and (b) against a
+dense per-token float64 reference written here, on mappings with -1 ("no adapter") rows.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import vllm
+from vllm.lora.ops.torch_ops import lora_ops
+from vllm.platforms import current_platform
+
+from vllm_t2l.serving import cpu_ops
+
+cpu_ops.uninstall()  # in case something in this process installed them already
+REF = {name: getattr(lora_ops, name) for name in cpu_ops.GROUPED_OPS}
+assert all(f.__module__ == lora_ops.__name__ for f in REF.values())
+
+SLOTS = 4  # max_loras
+RANK, HIDDEN, OUT = 8, 48, 40
+DTYPES = [torch.float32, torch.bfloat16]
+TOL = {
+    torch.float32: {"rtol": 1e-5, "atol": 1e-4},
+    torch.bfloat16: {"rtol": 2e-2, "atol": 5e-2},
+}
+
+# Token -> slot mappings. Every "full" mapping uses all SLOTS slots.
+NO_MINUS_ONE = {
+    "one_slot": [2] * 9,
+    "full_runs": [0, 0, 1, 1, 1, 2, 3, 3, 0, 0],
+    "full_interleaved": [3, 0, 2, 1, 3, 0, 2, 1, 1, 3, 3],
+    "single_token": [1],
+}
+WITH_MINUS_ONE = {
+    "all_none": [-1] * 6,
+    "full_and_none": [-1, 0, 0, 1, 2, 3, -1, -1, 3, 1],
+    "none_first_interleaved": [-1, 3, -1, 3, 0, -1, 2, 1],
+    "one_slot_and_none": [1, 1, -1, 1],
+    "single_none": [-1],
+}
+
+
+def _weights(out: int, inp: int, dtype, four_d=True) -> torch.Tensor:
+    w = torch.randn(SLOTS, 1, out, inp) / inp**0.5
+    return (w if four_d else w[:, 0]).to(dtype)
+
+
+def _runs(mapping: list[int]):
+    """sgmv metadata (seq_start, seq_len, index per run, batches, max_len, tokens), like vLLM."""
+    idx, lens = torch.unique_consecutive(torch.tensor(mapping), return_counts=True)
+    starts = torch.cumsum(lens, 0) - lens
+    return starts, lens, idx, idx.numel(), int(lens.max()), int(lens.sum())
+
+
+def _call(op: str, impl: dict, mapping, x, w, y, *args):
+    """Call the bgmv form with per-token indices or the sgmv form with run metadata."""
+    if op.startswith("bgmv"):
+        return impl[op](x, w, y, torch.tensor(mapping), *args)
+    return impl[op](x, w, y, *_runs(mapping), *args)
+
+
+def _dense(x, w, mapping, y, cols, scaling=1.0, add=True, zero_none=False):
+    """Per-token reference in float64: y[t, cols] (+)= scaling * x[t] @ W[slot].T; -1 rows get
+    zeros (shrink, ``zero_none``) or are left alone (expand)."""
+    w = w.double().reshape(SLOTS, *w.shape[-2:])
+    out = y.double().clone()
+    for t, slot in enumerate(mapping):
+        if slot < 0:
+            if zero_none:
+                out[t, cols] = 0
+            continue
+        delta = (scaling * x[t].double() @ w[slot].T)[: out[t, cols].numel()]
+        out[t, cols] = out[t, cols] + delta if add else delta
+    return out
+
+
+def _cases(mappings):
+    return pytest.mark.parametrize("mapping", list(mappings.values()), ids=list(mappings))
+
+
+# --- shrink -----------------------------------------------------------------------------------
+
+
+def _shrink_inputs(mapping, dtype, four_d=True):
+    x = torch.randn(len(mapping), HIDDEN).to(dtype)
+    w = _weights(RANK, HIDDEN, dtype, four_d)
+    y = torch.full((len(mapping), RANK + 3), 7.0)  # float32 buffer, wider than rank
+    return x, w, y
+
+
+@pytest.mark.parametrize("op", ["bgmv_shrink", "sgmv_shrink"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@_cases(NO_MINUS_ONE)
+def test_shrink_matches_vllm(op, dtype, mapping):
+    x, w, y = _shrink_inputs(mapping, dtype)
+    want, got = y.clone(), y.clone()
+    _call(op, REF, mapping, x, w, want, 0.5)
+    _call(op, cpu_ops.GROUPED_OPS, mapping, x, w, got, 0.5)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("op", ["bgmv_shrink", "sgmv_shrink"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("four_d", [True, False])
+@_cases(WITH_MINUS_ONE | NO_MINUS_ONE)
+def test_shrink_matches_dense(op, dtype, four_d, mapping):
+    x, w, y = _shrink_inputs(mapping, dtype, four_d)
+    got = y.clone()
+    _call(op, cpu_ops.GROUPED_OPS, mapping, x, w, got, 0.5)
+    want = _dense(x, w, mapping, y, slice(0, RANK), scaling=0.5, add=False, zero_none=True)
+    torch.testing.assert_close(got.double(), want, **TOL[dtype])
+
+
+# --- expand -----------------------------------------------------------------------------------
+
+
+def _expand_inputs(mapping, dtype, out_width=OUT, four_d=True):
+    x = torch.randn(len(mapping), RANK)  # float32 shrink buffer
+    w = _weights(OUT, RANK, dtype, four_d)
+    y = torch.randn(len(mapping), out_width).to(dtype)
+    return x, w, y
+
+
+@pytest.mark.parametrize("op", ["bgmv_expand", "sgmv_expand"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("add_inputs", [True, False])
+@pytest.mark.parametrize("out_width", [OUT, OUT - 8, OUT + 8])  # vLLM adds min(width) cols
+@_cases(NO_MINUS_ONE)
+def test_expand_matches_vllm(op, dtype, add_inputs, out_width, mapping):
+    x, w, y = _expand_inputs(mapping, dtype, out_width)
+    want, got = y.clone(), y.clone()
+    _call(op, REF, mapping, x, w, want, add_inputs)
+    _call(op, cpu_ops.GROUPED_OPS, mapping, x, w, got, add_inputs)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("op", ["bgmv_expand", "sgmv_expand"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("add_inputs", [True, False])
+@pytest.mark.parametrize("out_width", [OUT, OUT + 8])
+@pytest.mark.parametrize("four_d", [True, False])
+@_cases(WITH_MINUS_ONE | NO_MINUS_ONE)
+def test_expand_matches_dense(op, dtype, add_inputs, out_width, four_d, mapping):
+    x, w, y = _expand_inputs(mapping, dtype, out_width, four_d)
+    got = y.clone()
+    _call(op, cpu_ops.GROUPED_OPS, mapping, x, w, got, add_inputs)
+    want = _dense(x.to(dtype), w, mapping, y, slice(0, OUT), add=add_inputs)
+    torch.testing.assert_close(got.double(), want, **TOL[dtype])
+
+
+def test_bgmv_expand_row_quirks_match_vllm():
+    """vLLM broadcasts a single token row over all output rows and drops extra token rows."""
+    w = _weights(OUT, RANK, torch.float32)
+    for tokens, rows, mapping in [(1, 5, [2]), (1, 5, [-1]), (7, 4, [0, 1, 2, 3, 3, 0, 1])]:
+        x, y = torch.randn(tokens, RANK), torch.randn(rows, OUT)
+        want, got = y.clone(), y.clone()
+        if mapping != [-1]:  # vLLM would add the last slot's delta here
+            REF["bgmv_expand"](x, w, want, torch.tensor(mapping))
+        cpu_ops.bgmv_expand(x, w, got, torch.tensor(mapping))
+        torch.testing.assert_close(got, want)
+
+
+# --- expand_slice -----------------------------------------------------------------------------
+
+SLICES = [(0, OUT), (16, OUT), (OUT + 8, OUT)]  # (offset, size) into a 3*OUT-wide output
+
+
+def _slice_inputs(mapping, dtype, four_d=True):
+    x = torch.randn(len(mapping), RANK)
+    w = _weights(OUT, RANK, dtype, four_d)
+    y = torch.randn(len(mapping), 3 * OUT).to(dtype)
+    return x, w, y
+
+
+@pytest.mark.parametrize("op", ["bgmv_expand_slice", "sgmv_expand_slice"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("add_inputs", [True, False])
+@pytest.mark.parametrize("offset,size", SLICES)
+@_cases(NO_MINUS_ONE)
+def test_expand_slice_matches_vllm(op, dtype, add_inputs, offset, size, mapping):
+    x, w, y = _slice_inputs(mapping, dtype)
+    want, got = y.clone(), y.clone()
+    _call(op, REF, mapping, x, w, want, offset, size, add_inputs)
+    _call(op, cpu_ops.GROUPED_OPS, mapping, x, w, got, offset, size, add_inputs)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("op", ["bgmv_expand_slice", "sgmv_expand_slice"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("add_inputs", [True, False])
+@pytest.mark.parametrize("offset,size", SLICES)
+@pytest.mark.parametrize("four_d", [True, False])
+@_cases(WITH_MINUS_ONE | NO_MINUS_ONE)
+def test_expand_slice_matches_dense(op, dtype, add_inputs, offset, size, four_d, mapping):
+    x, w, y = _slice_inputs(mapping, dtype, four_d)
+    got = y.clone()
+    _call(op, cpu_ops.GROUPED_OPS, mapping, x, w, got, offset, size, add_inputs)
+    want = _dense(x.to(dtype), w, mapping, y, slice(offset, offset + size), add=add_inputs)
+    torch.testing.assert_close(got.double(), want, **TOL[dtype])
+
+
+# --- the upstream bug -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", ["bgmv_expand", "sgmv_expand", "bgmv_expand_slice",
+                                "sgmv_expand_slice"])
+def test_upstream_gives_no_adapter_rows_the_last_slot(op):
+    """All slots full + a base-model row (-1): vLLM 0.32 adds slot SLOTS-1's delta to it."""
+    mapping = [0, 1, -1, 2, 3]
+    x, w, y = _expand_inputs(mapping, torch.float32)
+    extra = (0, OUT) if "slice" in op else ()
+    upstream, grouped = y.clone(), y.clone()
+    _call(op, REF, mapping, x, w, upstream, *extra, True)
+    _call(op, cpu_ops.GROUPED_OPS, mapping, x, w, grouped, *extra, True)
+    last_slot = x[2] @ w[SLOTS - 1, 0].T
+    torch.testing.assert_close(upstream[2] - y[2], last_slot)  # the bug
+    assert (upstream[2] - y[2]).abs().max() > 0.1
+    torch.testing.assert_close(grouped[2], y[2], rtol=0, atol=0)  # the fix
+    keep = [0, 1, 3, 4]
+    torch.testing.assert_close(grouped[keep], upstream[keep])
+
+
+def test_upstream_shrink_gives_no_adapter_rows_a_value():
+    mapping = [0, -1, 3, 1, 2]
+    x, w, y = _shrink_inputs(mapping, torch.float32)
+    upstream, grouped = y.clone(), y.clone()
+    REF["bgmv_shrink"](x, w, upstream, torch.tensor(mapping), 1.0)
+    cpu_ops.bgmv_shrink(x, w, grouped, torch.tensor(mapping), 1.0)
+    assert upstream[1, :RANK].abs().max() > 0.1
+    assert grouped[1, :RANK].abs().max() == 0
+
+
+# --- install() --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_install(monkeypatch):
+    monkeypatch.delenv(cpu_ops.ENV_VAR, raising=False)
+    cpu_ops.uninstall()
+    yield
+    cpu_ops.uninstall()
+
+
+def _modules():
+    from vllm.lora.ops import torch_ops
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    return lora_ops, torch_ops, punica_cpu
+
+
+def _assert_ops(expected: dict):
+    for module in _modules():
+        for name, fn in expected.items():
+            assert getattr(module, name) is fn, (module.__name__, name)
+
+
+def test_install_patches_every_reference_and_is_idempotent(clean_install):
+    if not current_platform.is_cpu():
+        pytest.skip("not on the CPU platform")
+    _assert_ops(REF)
+    assert cpu_ops.install() is True
+    _assert_ops(cpu_ops.GROUPED_OPS)
+    assert cpu_ops.install() is True  # second call: no double wrapping
+    _assert_ops(cpu_ops.GROUPED_OPS)
+    assert cpu_ops._originals == REF
+    cpu_ops.uninstall()
+    _assert_ops(REF)
+
+
+@pytest.mark.parametrize("value", ["0", " 0 "])
+def test_env_var_disables_install(clean_install, monkeypatch, value):
+    monkeypatch.setenv(cpu_ops.ENV_VAR, value)
+    assert cpu_ops.install() is False
+    _assert_ops(REF)
+
+
+def test_install_skips_unverified_versions_and_other_platforms(clean_install, monkeypatch):
+    monkeypatch.setattr(vllm, "__version__", "0.33.0")
+    assert cpu_ops.install() is False
+    monkeypatch.setattr(vllm, "__version__", "0.32.0+cpu")
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
+    assert cpu_ops.install() is False
+    _assert_ops(REF)
+
+
+@pytest.mark.parametrize("is_prefill", [True, False])
+def test_punica_cpu_wrapper_end_to_end(clean_install, is_prefill):
+    """Through PunicaWrapperCPU (what vLLM's LoRA layers call), all slots full, one base request:
+    upstream changes the base rows, the installed grouped ops do not."""
+    if not current_platform.is_cpu():
+        pytest.skip("not on the CPU platform")
+    from vllm.lora.layers import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    lora_ids = [11, 12, 13, 14]  # slot -> lora id; all SLOTS slots hold an adapter
+    tokens = [11, 11, 0, 0, 0, 14, 12, 12, 13, 0]  # lora id per token, 0 = base model
+    slots = [lora_ids.index(t) if t else -1 for t in tokens]
+    mapping = LoRAMapping(tuple(tokens), tuple(tokens), is_prefill=is_prefill)
+    x = torch.randn(len(tokens), HIDDEN)
+    a = (_weights(RANK, HIDDEN, torch.float32), _weights(RANK, HIDDEN, torch.float32))
+    b = (_weights(OUT, RANK, torch.float32), _weights(OUT // 2, RANK, torch.float32))
+    y = torch.randn(len(tokens), OUT + OUT // 2)
+
+    def run():
+        wrapper = PunicaWrapperCPU(64, 8, device="cpu")
+        wrapper.update_metadata(mapping, lora_ids, SLOTS, vocab_size=100)
+        out = y.clone()
+        wrapper.add_lora_linear(out, x, a, b, 1.0, (OUT, OUT // 2))
+        logits = y.clone()
+        wrapper.add_lora_logits(logits, x, a[0], b[0], 1.0)
+        return out, logits
+
+    base = [t for t, s in enumerate(slots) if s < 0]
+    upstream_out, upstream_logits = run()
+    assert (upstream_out[base] - y[base]).abs().max() > 0.01  # the bug, via the wrapper
+    assert (upstream_logits[base, :OUT] - y[base, :OUT]).abs().max() > 0.01
+    assert cpu_ops.install() is True
+    out, logits = run()
+    torch.testing.assert_close(out[base], y[base], rtol=0, atol=0)
+    torch.testing.assert_close(logits[base, :OUT], y[base, :OUT], rtol=0, atol=0)
+
+    want = y.double().clone()
+    for t, s in enumerate(slots):
+        if s >= 0:
+            h = [x[t].double() @ a_i[s, 0].double().T for a_i in a]
+            want[t] += torch.cat([h[0] @ b[0][s, 0].double().T, h[1] @ b[1][s, 0].double().T])
+    torch.testing.assert_close(out.double(), want, **TOL[torch.float32])
+    adapter = [t for t, s in enumerate(slots) if s >= 0]
+    torch.testing.assert_close(out[adapter], upstream_out[adapter])

@@ -1,0 +1,166 @@
+"""`vllm-t2l prepare | serve | generate | init | import-t2l | train | eval`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("vllm_t2l")
+
+# Flags `serve` adds unless the user gives them; later flags win in vLLM's parser.
+SERVE_DEFAULTS = ["--enable-lora", "--max-lora-rank", "16", "--max-loras", "4",
+                  "--max-cpu-loras", "32", "--host", "127.0.0.1", "--max-model-len", "2048"]
+CPU_DEFAULTS = ["--dtype", "float32"]
+
+
+def _flag_given(args: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def serve_command(vllm_args: list[str], checkpoint: str | None, catalog: str | None,
+                  cache_dir: str | None) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment that start vLLM's OpenAI server with the plugin ready."""
+    import torch
+
+    from vllm_t2l.models import prepare_default_model
+
+    args = list(vllm_args)
+    if not _flag_given(args, "--model") and not (args and not args[0].startswith("-")):
+        args = ["--model", str(prepare_default_model())] + args
+    defaults = SERVE_DEFAULTS + ([] if torch.cuda.is_available() else CPU_DEFAULTS)
+    extra: list[str] = []
+    i = 0
+    while i < len(defaults):
+        flag = defaults[i]
+        takes_value = i + 1 < len(defaults) and not defaults[i + 1].startswith("--")
+        if not _flag_given(args, flag):
+            extra += defaults[i:i + 1 + takes_value]
+        i += 1 + takes_value
+    env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="1")
+    if not torch.cuda.is_available():
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    for key, value in (("CHECKPOINT", checkpoint), ("CATALOG", catalog), ("CACHE_DIR", cache_dir)):
+        if value:
+            env[f"VLLM_T2L_{key}"] = str(Path(value).resolve())
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *extra, *args], env
+
+
+def cmd_serve(ns: argparse.Namespace, rest: list[str]) -> None:
+    argv, env = serve_command(rest, ns.checkpoint, ns.catalog, ns.cache_dir)
+    log.info("starting: %s", " ".join(argv))
+    os.execve(sys.executable, argv, env)
+
+
+def cmd_prepare(ns: argparse.Namespace) -> None:
+    from vllm_t2l.models import default_embedder_path, prepare_default_model
+
+    print(f"model:    {prepare_default_model()}")
+    print(f"embedder: {default_embedder_path()}")
+
+
+def cmd_generate(ns: argparse.Namespace) -> None:
+    from vllm_t2l.generator import Generator
+    from vllm_t2l.models import DEFAULT_CHECKPOINT
+    from vllm_t2l.names import AdapterNameError, load_catalog, spec_from_parts
+
+    weights = [float(w) for w in ns.weights.split(",")] if ns.weights else None
+    catalog = load_catalog(ns.catalog) if ns.catalog else None
+    try:
+        spec = spec_from_parts(ns.description, weights, ns.mode, catalog)
+    except AdapterNameError as e:
+        sys.exit(f"error: {e}")
+    gen = Generator.load(ns.checkpoint or DEFAULT_CHECKPOINT, ns.embedder)
+    lora = gen.generate_one(spec)
+    base = ns.base_model or gen.checkpoint.base.name
+    lora.save_peft(ns.out, base, {"checkpoint": gen.id, "descriptions": spec.descriptions,
+                                  "weights": spec.weights, "mode": spec.mode})
+    print(f"wrote {ns.out} (rank {lora.rank}, {len(lora.A)} modules x {lora.n_layers} layers)")
+
+
+def cmd_init(ns: argparse.Namespace) -> None:
+    """An untrained checkpoint for any base model: the starting point of `train`."""
+    import torch
+
+    from vllm_t2l.checkpoint import Checkpoint
+    from vllm_t2l.embed import EmbedderConfig
+    from vllm_t2l.hypernet import BaseShapes, HyperConfig, HyperNet
+    from vllm_t2l.models import DEFAULT_EMBEDDER_NAME, default_model_path
+
+    torch.manual_seed(ns.seed)
+    base = ns.base_model or str(default_model_path())
+    config = HyperConfig(arch=ns.arch, emb_dim=ns.emb_dim, rank=ns.rank, alpha=ns.alpha,
+                         target_modules=tuple(ns.target_modules.split(",")),
+                         latent=ns.latent, head_in=ns.head_in)
+    shapes = BaseShapes.from_config(base, config.target_modules, name=ns.base_name or Path(base).name)
+    embedder = EmbedderConfig(name=ns.embedder or DEFAULT_EMBEDDER_NAME, dim=ns.emb_dim,
+                              pooling=ns.pooling)
+    Checkpoint(HyperNet(config, shapes), embedder, trained=False).save(ns.out)
+    print(f"wrote untrained {ns.arch} checkpoint to {ns.out}")
+
+
+def cmd_import_t2l(ns: argparse.Namespace) -> None:
+    from vllm_t2l.checkpoint import import_t2l
+
+    ckpt = import_t2l(ns.folder, ns.base_config, ns.embedder)
+    ckpt.save(ns.out)
+    print(f"imported {ckpt.config.arch} to {ns.out} (id {ckpt.id})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="vllm-t2l", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="start vLLM's OpenAI server with t2l: adapters (other flags go to vLLM)")
+    p.add_argument("--checkpoint", help="hypernetwork checkpoint folder (default: the embedded one)")
+    p.add_argument("--catalog", help="JSON file {name: description} for t2l:@name")
+    p.add_argument("--cache-dir", help="where generated adapters are kept (survives restarts)")
+
+    sub.add_parser("prepare", help="prepare the embedded default model once and print its path")
+
+    p = sub.add_parser("generate", help="write a PEFT adapter folder for a description or a mix")
+    p.add_argument("--description", action="append", required=True, help="repeat for a mix; @name = catalog")
+    p.add_argument("--weights", help="comma-separated weights, one per --description")
+    p.add_argument("--mode", choices=("weight", "emb"), default="weight",
+                   help="weight: exact sum of updates (default); emb: mix the description embeddings")
+    p.add_argument("--out", required=True)
+    p.add_argument("--checkpoint")
+    p.add_argument("--embedder", help="local sentence-transformers folder (default: from the checkpoint)")
+    p.add_argument("--catalog")
+    p.add_argument("--base-model", help="base_model_name_or_path written into adapter_config.json")
+
+    p = sub.add_parser("init", help="write an untrained checkpoint for a base model")
+    p.add_argument("--out", required=True)
+    p.add_argument("--arch", default="zhyper-diag")
+    p.add_argument("--base-model", help="model folder or config.json (default: the embedded model)")
+    p.add_argument("--base-name", help="identity recorded for the base model")
+    p.add_argument("--embedder", help="embedder folder recorded in the checkpoint")
+    p.add_argument("--emb-dim", type=int, default=384)
+    p.add_argument("--pooling", default="mean")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--latent", type=int, default=128)
+    p.add_argument("--head-in", type=int, default=512)
+    p.add_argument("--target-modules", default="q_proj,v_proj")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("import-t2l", help="convert a published Text-to-LoRA folder")
+    p.add_argument("folder")
+    p.add_argument("--base-config", required=True, help="the base model's folder or config.json")
+    p.add_argument("--embedder", help="local folder of the checkpoint's embedder (e.g. gte-large-en-v1.5)")
+    p.add_argument("--out", required=True)
+
+    ns, rest = parser.parse_known_args(argv)
+    if ns.command == "serve":
+        return cmd_serve(ns, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    {"prepare": cmd_prepare, "generate": cmd_generate, "init": cmd_init,
+     "import-t2l": cmd_import_t2l}[ns.command](ns)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Description texts -> embeddings, with the scaling the hypernetwork was trained on."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class EmbedderConfig:
+    """Recorded in every checkpoint: a hypernetwork only understands the embedder it was trained with."""
+
+    name: str
+    dim: int
+    pooling: str = "mean"  # the model's own pooling mode ("mean", "cls", ...), checked at load
+    scale_sqrt_dim: bool = True  # L2-normalise, then multiply by sqrt(dim), as Text-to-LoRA does
+    max_tokens: int = 512
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Embedder:
+    """A sentence-transformers model loaded from a local path (never a hub download)."""
+
+    def __init__(self, config: EmbedderConfig, path: str, device: str = "cpu"):
+        from sentence_transformers import SentenceTransformer
+
+        self.config = config
+        self.model = SentenceTransformer(path, device=device, local_files_only=True)
+        pooling = [m.get_config_dict().get("pooling_mode") for m in self.model
+                   if type(m).__name__ == "Pooling"]
+        if pooling and pooling[0] != config.pooling:
+            raise ValueError(f"embedder {path} pools by {pooling[0]!r}; "
+                             f"the checkpoint expects {config.pooling!r}")
+        self.model.max_seq_length = config.max_tokens
+        got = self.model.get_embedding_dimension()
+        if got != config.dim:
+            raise ValueError(f"embedder {path} gives {got}-d vectors; the checkpoint expects {config.dim}")
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str]) -> Tensor:
+        emb = self.model.encode(texts, convert_to_tensor=True, normalize_embeddings=False,
+                                batch_size=max(1, len(texts)), show_progress_bar=False).float()
+        return scale(emb, self.config.scale_sqrt_dim)
+
+
+def scale(emb: Tensor, sqrt_dim: bool) -> Tensor:
+    emb = torch.nn.functional.normalize(emb, dim=-1)
+    return emb * math.sqrt(emb.shape[-1]) if sqrt_dim else emb

@@ -1,0 +1,93 @@
+"""AdapterSpec -> LoRAWeights: the one place that ties embedder, hypernetwork and LoRA math together."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from vllm_t2l import checkpoint as ckpt_mod
+from vllm_t2l.checkpoint import Checkpoint
+from vllm_t2l.embed import Embedder
+from vllm_t2l.lora import LoRAWeights, from_batch
+from vllm_t2l.names import AdapterSpec
+
+
+class Generator:
+    """Generates adapters for many specs in one embedder call and one hypernetwork forward pass."""
+
+    def __init__(self, checkpoint: Checkpoint, embedder: Embedder):
+        self.checkpoint = checkpoint
+        self.embedder = embedder
+        self.device = next(checkpoint.hypernet.parameters()).device
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, embedder_path: str | Path | None = None,
+             device: str = "cpu") -> Generator:
+        ckpt = ckpt_mod.load(checkpoint, device=device)
+        path = embedder_path or _local_embedder(ckpt.embedder.name)
+        return cls(ckpt, Embedder(ckpt.embedder, str(path), device=device))
+
+    @property
+    def id(self) -> str:
+        return self.checkpoint.id
+
+    @property
+    def zhyper(self) -> bool:
+        return self.checkpoint.config.arch.startswith("zhyper")
+
+    def rank_of(self, spec: AdapterSpec) -> int:
+        """Rank of the served adapter: weight-space mixes of T2L adapters concatenate ranks."""
+        r = self.checkpoint.config.rank
+        return r if spec.mode == "emb" or self.zhyper else r * len(spec.terms)
+
+    @torch.no_grad()
+    def generate(self, specs: Sequence[AdapterSpec]) -> list[LoRAWeights]:
+        texts = sorted({d for s in specs for d in s.descriptions})
+        emb = self.embedder(texts).to(self.device)
+        row = {t: i for i, t in enumerate(texts)}
+        rows, slices = [], []  # hypernetwork input rows; which rows belong to which spec
+        for spec in specs:
+            start = len(rows)
+            if spec.mode == "emb":
+                rows.append(sum(w * emb[row[d]] for d, w in spec.terms))
+            else:
+                rows.extend(emb[row[d]] for d in spec.descriptions)
+            slices.append(range(start, len(rows)))
+        x = torch.stack(rows)
+        c, net = self.checkpoint.config, self.checkpoint.hypernet
+        out = []
+        if self.zhyper:
+            codes = net.codes(x)
+            for spec, idx in zip(specs, slices):
+                weights = [1.0] if spec.mode == "emb" else spec.weights
+                mixed = {m: sum(w * z[i:i + 1] for w, i in zip(weights, idx)) for m, z in codes.items()}
+                out.append(from_batch(net.from_codes(mixed), 0, c.alpha, c.use_rslora))
+            return out
+        batch = net(x)
+        for spec, idx in zip(specs, slices):
+            parts = [from_batch(batch, i, c.alpha, c.use_rslora) for i in idx]
+            weights = [1.0] if spec.mode == "emb" else spec.weights
+            if len(parts) == 1 and weights == [1.0]:
+                out.append(parts[0])
+            else:
+                out.append(LoRAWeights.weighted_sum(parts, weights))
+        return out
+
+    def generate_one(self, spec: AdapterSpec) -> LoRAWeights:
+        return self.generate([spec])[0]
+
+
+def _local_embedder(name: str) -> Path:
+    """The checkpoint's embedder as a local folder: never fetched from a hub."""
+    from vllm_t2l.models import DEFAULT_EMBEDDER_NAME, default_embedder_path
+
+    if name == DEFAULT_EMBEDDER_NAME:
+        return default_embedder_path()
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise ckpt_mod.CheckpointError(
+            f"the checkpoint's embedder {name!r} is not a local folder; pass its path "
+            "(--embedder, or VLLM_T2L_EMBEDDER when serving)")
+    return path

@@ -1,0 +1,294 @@
+"""Hypernetworks that turn a description embedding into LoRA weights (plain PyTorch, no vLLM).
+
+Read top to bottom: the base model's shapes, the config, the shared trunk, then the five output
+variants. Every variant returns the same thing, a ``LoRABatch``: for each target module,
+``A [N, L, r, in]`` and ``B [N, L, out, r]`` for N descriptions and L layers.
+
+Variants
+- ``t2l-L``: one head per module emits a whole (A, B) pair for a (layer, module) row.
+- ``t2l-M``: the head emits one matrix per call; an A/B selector embedding is mixed into the trunk.
+- ``t2l-S``: the head emits one rank-row of A or one rank-column of B per call; the rank index is
+  encoded with fixed sinusoids.
+- ``zhyper-diag`` / ``zhyper-square``: the head emits only a code z (r) or Z (r x r); one LoRA pair
+  per (layer, module) is shared by all descriptions and learned with the hypernetwork:
+  dW = s * B diag(z) A (or s * B Z A). dW is linear in the code, so mixing codes mixes dW exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+Arch = Literal["t2l-L", "t2l-M", "t2l-S", "zhyper-diag", "zhyper-square"]
+ARCHS: tuple[str, ...] = ("t2l-L", "t2l-M", "t2l-S", "zhyper-diag", "zhyper-square")
+
+# Where each projection lives inside a Llama/Mistral/Gemma/Qwen decoder layer.
+MODULE_PARENT = {
+    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+}
+
+LoRABatch = dict[str, tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class BaseShapes:
+    """What a hypernetwork must know about the base model: read from config.json, never the weights."""
+
+    name: str
+    n_layers: int
+    modules: dict[str, tuple[int, int]]  # module -> (in_features, out_features)
+
+    @classmethod
+    def from_config(cls, config: dict | str | Path, target_modules: tuple[str, ...],
+                    name: str | None = None) -> BaseShapes:
+        if not isinstance(config, dict):
+            path = Path(config)
+            path = path / "config.json" if path.is_dir() else path
+            config = json.loads(path.read_text())
+        cfg = config.get("text_config", config)
+        hidden = cfg["hidden_size"]
+        heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or hidden // heads
+        kv = cfg.get("num_key_value_heads", heads) * head_dim
+        inter = cfg["intermediate_size"]
+        sizes = {
+            "q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv), "v_proj": (hidden, kv),
+            "o_proj": (heads * head_dim, hidden),
+            "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden),
+        }
+        unknown = [m for m in target_modules if m not in sizes]
+        if unknown:
+            raise ValueError(f"unsupported target modules {unknown}; supported: {sorted(sizes)}")
+        return cls(
+            name=name or cfg.get("_name_or_path") or "unknown",
+            n_layers=cfg["num_hidden_layers"],
+            modules={m: sizes[m] for m in target_modules},
+        )
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "n_layers": self.n_layers,
+                "modules": {m: list(s) for m, s in self.modules.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BaseShapes:
+        return cls(d["name"], d["n_layers"], {m: tuple(s) for m, s in d["modules"].items()})
+
+    def differences(self, other: BaseShapes) -> list[str]:
+        """Human-readable list of shape mismatches (empty when compatible)."""
+        out = []
+        if self.n_layers != other.n_layers:
+            out.append(f"layers: {self.n_layers} vs {other.n_layers}")
+        for m in sorted(set(self.modules) | set(other.modules)):
+            a, b = self.modules.get(m), other.modules.get(m)
+            if a != b:
+                out.append(f"{m} (in, out): {a} vs {b}")
+        return out
+
+
+@dataclass
+class HyperConfig:
+    """Architecture and LoRA settings; saved in every checkpoint and applied to every adapter."""
+
+    arch: Arch = "t2l-L"
+    emb_dim: int = 384
+    latent: int = 128
+    head_in: int = 512
+    rank: int = 8
+    alpha: float = 16.0
+    use_rslora: bool = True
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    dropout: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.target_modules = tuple(self.target_modules)
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; choose one of {ARCHS}")
+        if self.latent % 4:
+            raise ValueError("latent must be divisible by 4")
+        if self.rank < 1:
+            raise ValueError("rank must be >= 1")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+
+def _mlp(d_in: int, d_hidden: int, d_out: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, d_hidden), nn.SiLU(),
+                         nn.Dropout(dropout), nn.Linear(d_hidden, d_out))
+
+
+class Residual(nn.Module):
+    def __init__(self, d: int, dropout: float):
+        super().__init__()
+        self.mlp = _mlp(d, 4 * d, d, dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.mlp(x)
+
+
+def sinusoid(n: int, d: int) -> Tensor:
+    """Fixed position code for rank indices (t2l-S): rows are distinguishable and need no training."""
+    pos = torch.arange(n, dtype=torch.float32)[:, None]
+    freq = torch.exp(-math.log(10000.0) * torch.arange(0, d, 2, dtype=torch.float32) / d)
+    out = torch.zeros(n, d)
+    out[:, 0::2] = torch.sin(pos * freq)
+    out[:, 1::2] = torch.cos(pos * freq[: d // 2])
+    return out
+
+
+class HyperNet(nn.Module):
+    """Description embedding(s) -> LoRA weights for every (layer, target module), in one pass."""
+
+    def __init__(self, config: HyperConfig, shapes: BaseShapes):
+        super().__init__()
+        c = self.config = config
+        self.shapes = shapes
+        missing = [m for m in c.target_modules if m not in shapes.modules]
+        if missing:
+            raise ValueError(f"base shapes lack target modules {missing}")
+        self.modules_ = list(c.target_modules)
+        L, r, m, q = shapes.n_layers, c.rank, c.latent, c.latent // 4
+
+        # Conditioning: description, layer index, module type -> one latent vector per row.
+        self.task_encoder = nn.Sequential(nn.Linear(c.emb_dim, m // 2), nn.LayerNorm(m // 2))
+        self.layer_encoder = nn.Sequential(nn.Embedding(L, q), nn.LayerNorm(q))
+        self.module_encoder = nn.Sequential(nn.Embedding(len(self.modules_), q), nn.LayerNorm(q))
+
+        # Trunk.
+        self.mixer = nn.Sequential(nn.Dropout(c.dropout), nn.Linear(m, 4 * m), nn.SiLU(),
+                                   nn.Dropout(c.dropout), nn.Linear(4 * m, m))
+        self.block1 = Residual(m, c.dropout)
+        self.block2 = Residual(m, c.dropout)
+        self.to_head = _mlp(m, 4 * m, c.head_in, c.dropout)
+
+        # Variant-specific pieces.
+        if c.arch == "t2l-M":
+            self.ab_emb = nn.Parameter(torch.randn(2, m) * 0.02)
+        if c.arch == "t2l-S":
+            self.register_buffer("rank_code", sinusoid(r, m), persistent=False)
+            self.ab_emb = nn.Parameter(torch.randn(2, m) * 0.02)
+        self.heads = nn.ModuleDict({mod: nn.Linear(c.head_in, self._head_out(mod))
+                                    for mod in self.modules_})
+        if c.arch.startswith("zhyper"):
+            self.shared_A = nn.ParameterDict({mod: nn.Parameter(torch.empty(L, r, shapes.modules[mod][0]))
+                                              for mod in self.modules_})
+            self.shared_B = nn.ParameterDict({mod: nn.Parameter(torch.zeros(L, shapes.modules[mod][1], r))
+                                              for mod in self.modules_})
+        self.reset_heads()
+
+    def _head_out(self, mod: str) -> int:
+        d_in, d_out = self.shapes.modules[mod]
+        r = self.config.rank
+        return {"t2l-L": r * d_in + d_out * r, "t2l-M": r * max(d_in, d_out),
+                "t2l-S": max(d_in, d_out), "zhyper-diag": r, "zhyper-square": r * r}[self.config.arch]
+
+    def _offset_shape(self, mod: str) -> tuple[int, ...]:
+        n = self._head_out(mod)
+        return {"t2l-M": (2, n), "t2l-S": (2, self.config.rank, n)}.get(self.config.arch, (n,))
+
+    @torch.no_grad()
+    def reset_heads(self) -> None:
+        """Start from a standard LoRA init: zero head weights, a fixed offset that emits A random, B = 0.
+
+        Step 0 of training is then an ordinary LoRA fine-tune and every adapter starts as a no-op.
+        The offset is a buffer (saved, not trained) so the A and B calls of t2l-M/S can differ.
+        """
+        r, arch = self.config.rank, self.config.arch
+        for mod, head in self.heads.items():
+            d_in, _ = self.shapes.modules[mod]
+            head.weight.zero_()
+            head.bias.zero_()
+            a = torch.empty(r, d_in)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            off = torch.zeros(self._offset_shape(mod))
+            if arch == "t2l-L":
+                off[: r * d_in] = a.flatten()
+            elif arch == "t2l-M":
+                off[0, : r * d_in] = a.flatten()
+            elif arch == "t2l-S":
+                off[0, :, :d_in] = a
+            elif arch == "zhyper-diag":
+                off[:] = 1.0
+            else:
+                off[:] = torch.eye(r).flatten()
+            self.register_buffer(f"offset_{mod}", off)
+            if arch.startswith("zhyper"):
+                for i in range(self.shapes.n_layers):
+                    nn.init.kaiming_uniform_(self.shared_A[mod][i], a=math.sqrt(5))
+                self.shared_B[mod].zero_()
+
+    def _head(self, mod: str, h: Tensor) -> Tensor:
+        return self.heads[mod](h) + getattr(self, f"offset_{mod}")
+
+    # ---- forward -------------------------------------------------------------------------
+
+    def _trunk_in(self, emb: Tensor) -> Tensor:
+        """[N, emb_dim] -> [N, L, M, latent]: every (description, layer, module) row."""
+        n, L, M = emb.shape[0], self.shapes.n_layers, len(self.modules_)
+        task = self.task_encoder(emb)[:, None, None, :].expand(n, L, M, -1)
+        layer = self.layer_encoder(torch.arange(L, device=emb.device))[None, :, None, :].expand(n, L, M, -1)
+        module = self.module_encoder(torch.arange(M, device=emb.device))[None, None, :, :].expand(n, L, M, -1)
+        x = torch.cat([task, layer, module], dim=-1)
+        return self.block1(x + self.mixer(x))
+
+    def forward(self, emb: Tensor) -> LoRABatch:
+        if self.config.arch.startswith("zhyper"):
+            return self.from_codes(self.codes(emb))
+        x = self._trunk_in(emb)
+        arch, r = self.config.arch, self.config.rank
+        if arch == "t2l-M":  # [N, L, M, 2, latent]: one call for A, one for B
+            x = x[..., None, :] + self.ab_emb
+        elif arch == "t2l-S":  # [N, L, M, 2, r, latent]: one call per rank index, for A and for B
+            x = x[..., None, None, :] + self.ab_emb[:, None, :] + self.rank_code
+        h = self.to_head(self.block2(x))
+        out: LoRABatch = {}
+        for j, mod in enumerate(self.modules_):
+            d_in, d_out = self.shapes.modules[mod]
+            y = self._head(mod, h[:, :, j])
+            if arch == "t2l-L":
+                A = y[..., : r * d_in].unflatten(-1, (r, d_in))
+                B = y[..., r * d_in:].unflatten(-1, (d_out, r))
+            elif arch == "t2l-M":
+                A = y[..., 0, : r * d_in].unflatten(-1, (r, d_in))
+                B = y[..., 1, : d_out * r].unflatten(-1, (d_out, r))
+            else:  # t2l-S: rows of A, columns of B
+                A = y[..., 0, :, :d_in]
+                B = y[..., 1, :, :d_out].transpose(-1, -2)
+            out[mod] = (A, B)
+        return out
+
+    def codes(self, emb: Tensor) -> dict[str, Tensor]:
+        """Zhyper only: per-module codes [N, L, r] (diag) or [N, L, r, r] (square)."""
+        if not self.config.arch.startswith("zhyper"):
+            raise ValueError(f"{self.config.arch} has no codes; only zhyper-* do")
+        h = self.to_head(self.block2(self._trunk_in(emb)))
+        r = self.config.rank
+        out = {}
+        for j, mod in enumerate(self.modules_):
+            z = self._head(mod, h[:, :, j])
+            out[mod] = z if self.config.arch == "zhyper-diag" else z.unflatten(-1, (r, r))
+        return out
+
+    def from_codes(self, codes: dict[str, Tensor]) -> LoRABatch:
+        """Zhyper codes -> exportable (A, B): A = diag(z) A_shared (or Z A_shared), B = B_shared."""
+        out: LoRABatch = {}
+        for mod, z in codes.items():
+            A, B = self.shared_A[mod], self.shared_B[mod]
+            n = z.shape[0]
+            A_eff = z[..., None] * A if z.dim() == 3 else z @ A
+            out[mod] = (A_eff, B.expand(n, *B.shape))
+        return out

@@ -1,0 +1,150 @@
+"""Adapter names: parse, normalise and validate the ``model`` field of a request.
+
+Grammar (documented in README.md):
+
+    t2l:<description>                      an inline description
+    t2l:@<catalog-name>                    a description from the server's catalog file
+    t2l-mix:<w>*<term>||<w>*<term>...      a weighted mix; each term is a description or @name
+    t2l-mix[emb]:...                       the same mix, in description (embedding) space
+
+The content id of a spec hashes the normalised descriptions, the weights, the mode and the
+checkpoint id, so every replica maps the same request to the same adapter without talking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+PREFIX = "t2l:"
+MIX_PREFIX = "t2l-mix"
+CATALOG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+MIX_HEAD = re.compile(r"^t2l-mix(?:\[(weight|emb)\])?:")
+Mode = Literal["weight", "emb"]
+
+
+class AdapterNameError(ValueError):
+    """A request's adapter name is malformed; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class NameLimits:
+    max_chars: int = 2000  # per description, after normalisation
+    max_terms: int = 8
+    max_abs_weight: float = 2.0
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What to generate: normalised descriptions with weights, and how to mix them."""
+
+    terms: tuple[tuple[str, float], ...]
+    mode: Mode = "weight"
+
+    @property
+    def descriptions(self) -> list[str]:
+        return [d for d, _ in self.terms]
+
+    @property
+    def weights(self) -> list[float]:
+        return [w for _, w in self.terms]
+
+    def content_id(self, checkpoint_id: str) -> str:
+        payload = json.dumps([checkpoint_id, self.mode, [[d, repr(float(w))] for d, w in self.terms]])
+        return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def is_t2l_name(name: str) -> bool:
+    return name.startswith(PREFIX) or name.startswith(MIX_PREFIX)
+
+
+def normalise(text: str, limits: NameLimits = NameLimits()) -> str:
+    """Unicode NFC, whitespace runs collapsed to one space, trimmed; rejects what cannot be a text."""
+    text = unicodedata.normalize("NFC", text)
+    bad = sorted({f"U+{ord(c):04X}" for c in text
+                  if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn") and not c.isspace()})
+    if bad:
+        raise AdapterNameError(f"description contains control or unassigned characters: {', '.join(bad)}")
+    text = " ".join(text.split())
+    if not text:
+        raise AdapterNameError("description is empty")
+    if len(text) > limits.max_chars:
+        raise AdapterNameError(f"description is {len(text)} characters; the limit is {limits.max_chars}")
+    return text
+
+
+def _description(term: str, catalog: Mapping[str, str], limits: NameLimits) -> str:
+    if term.startswith("@"):
+        key = term[1:].strip()
+        if not CATALOG_NAME.match(key):
+            raise AdapterNameError(f"catalog name {key!r} is malformed: use letters, digits, '_', '.', '-'")
+        if key not in catalog:
+            raise AdapterNameError(f"catalog name {key!r} is not in the server's catalog")
+        return normalise(catalog[key], limits)
+    return normalise(term, limits)
+
+
+def parse(name: str, catalog: Mapping[str, str] | None = None,
+          limits: NameLimits = NameLimits()) -> AdapterSpec:
+    catalog = catalog or {}
+    if name.startswith(PREFIX):
+        return AdapterSpec(((_description(name[len(PREFIX):], catalog, limits), 1.0),))
+    head = MIX_HEAD.match(name)
+    if not head:
+        raise AdapterNameError("adapter names start with 't2l:' or 't2l-mix:' (or 't2l-mix[emb]:')")
+    mode: Mode = head.group(1) or "weight"  # type: ignore[assignment]
+    raw_terms = name[head.end():].split("||")
+    if len(raw_terms) > limits.max_terms:
+        raise AdapterNameError(f"mix has {len(raw_terms)} terms; the limit is {limits.max_terms}")
+    terms = []
+    for i, raw in enumerate(raw_terms, 1):
+        weight_text, star, text = raw.partition("*")
+        if not star:
+            raise AdapterNameError(f"mix term {i} needs the form '<weight>*<description>'")
+        try:
+            weight = float(weight_text.strip())
+        except ValueError:
+            raise AdapterNameError(
+                f"mix term {i}: weight {weight_text.strip()!r} is not a number") from None
+        if not math.isfinite(weight):
+            raise AdapterNameError(f"mix term {i}: weight must be finite, got {weight_text.strip()}")
+        if abs(weight) > limits.max_abs_weight:
+            bound = limits.max_abs_weight
+            raise AdapterNameError(f"mix term {i}: weight {weight} is outside [-{bound}, {bound}]")
+        terms.append((_description(text, catalog, limits), weight))
+    return AdapterSpec(tuple(terms), mode)
+
+
+def spec_from_parts(descriptions: list[str], weights: list[float] | None = None,
+                    mode: Mode = "weight", catalog: Mapping[str, str] | None = None,
+                    limits: NameLimits = NameLimits()) -> AdapterSpec:
+    """The spec a name would give, from already separated parts (the CLI and Python API use this)."""
+    if weights is None:
+        weights = [1.0] * len(descriptions)
+    if len(weights) != len(descriptions):
+        raise AdapterNameError(f"got {len(weights)} weights for {len(descriptions)} descriptions")
+    if mode not in ("weight", "emb"):
+        raise AdapterNameError(f"mode must be 'weight' or 'emb', got {mode!r}")
+    body = "||".join(f"{w!r}*{d}" for d, w in zip(descriptions, weights))
+    return parse(f"t2l-mix[{mode}]:{body}", catalog, limits)
+
+
+def load_catalog(path: str | Path) -> dict[str, str]:
+    """A JSON object {name: description}; checked once at start so bad entries fail loudly."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"catalog {path} must be a JSON object of name -> description")
+    for key, value in data.items():
+        if not CATALOG_NAME.match(key):
+            raise ValueError(f"catalog {path}: name {key!r} is malformed")
+        if not isinstance(value, str):
+            raise ValueError(f"catalog {path}: description of {key!r} is not a string")
+        normalise(value)
+    return data

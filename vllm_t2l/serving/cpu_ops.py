@@ -1,0 +1,270 @@
+"""Grouped, correct replacements for vLLM's CPU (torch) LoRA ops, and ``install()`` to use them.
+
+Why: vLLM 0.32's CPU punica wrapper (``vllm/lora/punica_wrapper/punica_cpu.py``) calls the six
+ops in ``vllm/lora/ops/torch_ops/lora_ops.py``. Those gather one full copy of the A or B matrix
+per token (``weights[indices]``) and run a batched einsum, which is memory-heavy and slow. Worse,
+the "no adapter" index -1 is used as a plain Python index, so it selects the LAST adapter slot:
+once all ``max_loras`` slots hold adapters, a base-model request batched with adapter requests
+receives the last slot's delta (the GPU Triton kernels skip -1 rows instead).
+
+The ops here group tokens by adapter slot and run one matrix product per slot present in the
+batch. Rows with index -1 get nothing: shrink ops write zeros there (as a zero adapter would) and
+expand ops leave them untouched (as the Triton kernels do). Signatures, defaults and in-place
+behaviour otherwise match the originals. They use data-dependent shapes, so they are meant for
+eager mode; vLLM 0.32 on CPU already forces ``CompilationMode.NONE`` whenever LoRA is enabled.
+
+``install()`` patches vLLM with them, only for vLLM releases verified here (``vllm.__version__``),
+only on the CPU platform, and only once. Set ``VLLM_T2L_CPU_OPS=0`` to disable it (for example to
+compare against upstream behaviour).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import os
+import re
+import sys
+import types
+
+import torch
+
+# A child of vLLM's "vllm" logger, so the line shows up with vLLM's own logging configuration.
+logger = logging.getLogger("vllm.t2l.cpu_ops")
+
+ENV_VAR = "VLLM_T2L_CPU_OPS"
+# (major, minor) releases whose torch LoRA ops were read and tested against these replacements.
+VERIFIED_RELEASES = {(0, 32)}
+# Modules holding the ops: the definitions, the package re-export, and the CPU punica wrapper,
+# which binds them with ``from vllm.lora.ops.torch_ops import ...`` at import time.
+PATCH_MODULES = (
+    "vllm.lora.ops.torch_ops.lora_ops",
+    "vllm.lora.ops.torch_ops",
+    "vllm.lora.punica_wrapper.punica_cpu",
+)
+
+_originals: dict[str, object] = {}  # op name -> vLLM's function, filled by install()
+
+
+def _grouped_matmul(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor):
+    """``x[t] @ weights[indices[t]].T`` for every token with an adapter, one matmul per slot.
+
+    Tokens are stably sorted by slot so each slot's tokens form one contiguous block (a single
+    gather, then views). Returns ``(rows, y)``: ``y[i]`` is the result for token ``rows[i]``.
+    ``rows`` is ``slice(None)`` when one slot covers the batch (no gather/scatter needed; a single
+    row then broadcasts like vLLM's ops), and ``(None, None)`` means no token has an adapter.
+    """
+    if indices.numel() == 0:
+        return None, None
+    sorted_indices, order = torch.sort(indices, stable=True)
+    slots, counts = torch.unique_consecutive(sorted_indices, return_counts=True)
+    slots, counts = slots.tolist(), counts.tolist()
+    if slots[-1] < 0:
+        return None, None
+    if len(slots) == 1:
+        return slice(None), x @ weights[slots[0]].T
+    if slots[0] < 0:  # -1 sorts first: drop those tokens
+        order, slots, counts = order[counts[0]:], slots[1:], counts[1:]
+    xs = x[order]
+    y = xs.new_empty(xs.shape[0], weights.shape[1])
+    start = 0
+    for slot, n in zip(slots, counts):
+        torch.matmul(xs[start : start + n], weights[slot].T, out=y[start : start + n])
+        start += n
+    return order, y
+
+
+def _stacked(weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[slots, 1, out, in]`` or ``[slots, out, in]`` weights as ``[slots, out, in]`` in the
+    output dtype (vLLM's ops compute in the output dtype too)."""
+    return (weights.squeeze(1) if weights.dim() == 4 else weights).to(dtype)
+
+
+def _expand(inputs, weights, out, indices, add_inputs):
+    """``out[t] (+)= inputs[t] @ weights[slot].T``; rows with slot -1 stay untouched."""
+    rows, y = _grouped_matmul(inputs.to(out.dtype), _stacked(weights, out.dtype), indices)
+    if rows is None:
+        return
+    if isinstance(rows, slice):
+        out.add_(y) if add_inputs else out.copy_(y)
+    elif add_inputs:
+        out.index_add_(0, rows, y)
+    else:
+        out.index_copy_(0, rows, y)
+
+
+def bgmv_shrink(
+    inputs: torch.Tensor,
+    lora_b_weights: torch.Tensor,  # (sic) vLLM's name; these are the A weights
+    output_tensor: torch.Tensor,
+    lora_indices_tensor: torch.Tensor,
+    scaling: float = 1.0,
+):
+    """``output[:, :r] = scaling * x @ A[slot].T`` per token; zeros for -1 tokens."""
+    weights = _stacked(lora_b_weights, output_tensor.dtype)
+    out = output_tensor[:, : weights.shape[1]]
+    rows, y = _grouped_matmul(inputs.to(out.dtype), weights, lora_indices_tensor)
+    if isinstance(rows, slice):
+        out.copy_(y.mul_(scaling))
+    else:
+        out.zero_()
+        if rows is not None:
+            out.index_copy_(0, rows, y.mul_(scaling))
+
+
+def bgmv_expand(
+    inputs: torch.Tensor,
+    lora_b_weights: torch.Tensor,
+    output_tensor: torch.Tensor,
+    lora_indices_tensor: torch.Tensor,
+    add_inputs: bool = True,
+):
+    """``output[:, :c] (+)= x @ B[slot].T`` per token, ``c = min(B out, output width)``."""
+    common = min(lora_b_weights.shape[-2], output_tensor.shape[1])
+    n = output_tensor.shape[0]
+    if inputs.shape[0] > n:  # vLLM keeps only the first n token rows
+        inputs, lora_indices_tensor = inputs[:n], lora_indices_tensor[:n]
+    _expand(inputs, lora_b_weights[..., :common, :], output_tensor[:, :common],
+            lora_indices_tensor, add_inputs)
+
+
+def bgmv_expand_slice(
+    inputs: torch.Tensor,
+    lora_b_weights: torch.Tensor,
+    output_tensor: torch.Tensor,
+    lora_indices_tensor: torch.Tensor,
+    slice_offset: int,
+    slice_size: int,
+    add_inputs: bool = True,
+):
+    """``output[:, offset:offset+size] (+)= x @ B[slot].T`` per token."""
+    out = output_tensor[:, slice_offset : slice_offset + slice_size]
+    _expand(inputs, lora_b_weights, out, lora_indices_tensor, add_inputs)
+
+
+def sgmv_shrink(
+    inputs: torch.Tensor,
+    lora_a_weights: torch.Tensor,
+    output_tensor: torch.Tensor,
+    b_seq_start_loc: torch.Tensor,
+    seq_len_tensor: torch.Tensor,
+    lora_indices_tensor: torch.Tensor,
+    batches: int,
+    max_seq_length: int,
+    token_nums: int,
+    scaling: float,
+):
+    """Prefill form of ``bgmv_shrink``: one index per run of ``seq_len_tensor`` tokens."""
+    indices = torch.repeat_interleave(lora_indices_tensor, seq_len_tensor)
+    bgmv_shrink(inputs, lora_a_weights, output_tensor, indices, scaling)
+
+
+def sgmv_expand(
+    inputs: torch.Tensor,
+    lora_b_weights: torch.Tensor,
+    output_tensor: torch.Tensor,
+    b_seq_start_loc: torch.Tensor,
+    seq_len_tensor: torch.Tensor,
+    lora_indices_tensor: torch.Tensor,
+    batches: int,
+    max_seq_length: int,
+    token_nums: int,
+    add_inputs: bool = False,
+):
+    """Prefill form of ``bgmv_expand``."""
+    indices = torch.repeat_interleave(lora_indices_tensor, seq_len_tensor)
+    bgmv_expand(inputs, lora_b_weights, output_tensor, indices, add_inputs)
+
+
+def sgmv_expand_slice(
+    inputs: torch.Tensor,
+    lora_b_weights: torch.Tensor,
+    output_tensor: torch.Tensor,
+    b_seq_start_loc: torch.Tensor,
+    seq_len_tensor: torch.Tensor,
+    lora_indices_tensor: torch.Tensor,
+    batches: int,
+    max_seq_length: int,
+    token_nums: int,
+    slice_offset: int,
+    slice_size: int,
+    add_inputs: bool = False,
+):
+    """Prefill form of ``bgmv_expand_slice``."""
+    indices = torch.repeat_interleave(lora_indices_tensor, seq_len_tensor)
+    bgmv_expand_slice(inputs, lora_b_weights, output_tensor, indices, slice_offset, slice_size,
+                      add_inputs)
+
+
+GROUPED_OPS = {f.__name__: f for f in (bgmv_shrink, bgmv_expand, bgmv_expand_slice,
+                                       sgmv_shrink, sgmv_expand, sgmv_expand_slice)}
+
+
+def _release(version: str) -> tuple[int, int] | None:
+    """``"0.32.0+cpu"`` -> ``(0, 32)``."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    return (int(m[1]), int(m[2])) if m else None
+
+
+def _params(fn) -> list[tuple[str, object]]:
+    """Parameter names and defaults (annotations are strings here, objects in vLLM)."""
+    return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+def _swap(replacements: dict[int, object]) -> None:
+    """Rebind every module-level name whose value is a key of ``replacements`` (by ``id``).
+
+    Covers the known modules (imported here, so later ``from ... import`` picks up the new
+    functions) and any already-loaded module that copied the functions into its namespace.
+    """
+    for name in PATCH_MODULES:
+        importlib.import_module(name)
+    for module in list(sys.modules.values()):
+        if not isinstance(module, types.ModuleType):
+            continue
+        namespace = module.__dict__
+        for attr in GROUPED_OPS:
+            new = replacements.get(id(namespace.get(attr)))
+            if new is not None:
+                namespace[attr] = new
+
+
+def install() -> bool:
+    """Patch vLLM's CPU LoRA ops with the grouped ones; return whether they are in use.
+
+    A cheap no-op (returns False) when ``VLLM_T2L_CPU_OPS=0``, when the vLLM release is not in
+    ``VERIFIED_RELEASES``, when not on the CPU platform, or when vLLM's op signatures differ from
+    ours. Safe to call repeatedly and from every vLLM process, before the model runner exists.
+    """
+    if os.environ.get(ENV_VAR, "1").strip() == "0":
+        return False
+    import vllm
+
+    if _release(vllm.__version__) not in VERIFIED_RELEASES:
+        return False
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return False
+    if _originals:
+        return True
+    lora_ops = importlib.import_module(PATCH_MODULES[0])
+    originals = {name: getattr(lora_ops, name) for name in GROUPED_OPS}
+    for name, original in originals.items():
+        if _params(original) != _params(GROUPED_OPS[name]):
+            logger.warning("vLLM %s: %s signature changed; not installing grouped CPU LoRA ops",
+                           vllm.__version__, name)
+            return False
+    _swap({id(originals[name]): GROUPED_OPS[name] for name in GROUPED_OPS})
+    _originals.update(originals)
+    logger.info("vllm_t2l: installed grouped CPU LoRA ops (-1 = no adapter); %s=0 disables",
+                ENV_VAR)
+    return True
+
+
+def uninstall() -> None:
+    """Restore vLLM's original ops (for tests and A/B comparisons)."""
+    if _originals:
+        _swap({id(GROUPED_OPS[name]): original for name, original in _originals.items()})
+        _originals.clear()

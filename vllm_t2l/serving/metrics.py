@@ -1,0 +1,13 @@
+"""Prometheus series, exported on vLLM's own /metrics endpoint (the default registry)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+GENERATION_SECONDS = Histogram(
+    "vllm_t2l:generation_seconds", "Time to embed descriptions, run the hypernetwork and write the adapter.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
+CACHE_HITS = Counter("vllm_t2l:cache_hits", "Adapter requests served from the adapter cache.")
+CACHE_MISSES = Counter("vllm_t2l:cache_misses", "Adapter requests that generated a new adapter.")
+GENERATION_ERRORS = Counter("vllm_t2l:generation_errors", "Adapter generations that failed.")
+REJECTED_NAMES = Counter("vllm_t2l:rejected_names", "Adapter names refused as malformed (4xx).")
+ADAPTERS_RESIDENT = Gauge("vllm_t2l:adapters_resident", "Adapters held in the adapter cache.")
+CACHE_BYTES = Gauge("vllm_t2l:cache_bytes", "Bytes of adapter weights held in the adapter cache.")

@@ -1,0 +1,178 @@
+"""The LoRA resolver vLLM consults for an unknown ``model`` name: name -> spec -> cache -> LoRARequest."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from vllm.lora.request import LoRARequest
+from vllm.lora.resolver import LoRAResolver
+
+from vllm_t2l import names
+from vllm_t2l.generator import Generator
+from vllm_t2l.names import AdapterNameError, AdapterSpec, NameLimits
+from vllm_t2l.serving import metrics
+from vllm_t2l.serving.cache import AdapterCache, CacheLimits
+
+log = logging.getLogger("vllm.t2l")  # under vLLM's configured logger
+
+
+@dataclass
+class Settings:
+    """Every knob of the serving layer; read from ``VLLM_T2L_<FIELD>`` environment variables."""
+
+    checkpoint: str = ""  # empty: the embedded default checkpoint
+    embedder: str = ""  # empty: the path recorded in the checkpoint, else the embedded MiniLM
+    catalog: str = ""  # JSON file {name: description} for t2l:@name
+    cache_dir: str = ""  # empty: <VLLM_T2L_HOME>/adapters
+    cache_max_adapters: int = 256
+    cache_max_bytes: int = 2 << 30
+    cache_grace_s: float = 60.0
+    max_chars: int = 2000
+    max_terms: int = 8
+    max_abs_weight: float = 2.0
+    max_batch: int = 64  # descriptions per hypernetwork forward pass
+    device: str = ""  # empty: cuda when available, else cpu
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        values = {}
+        for f in fields(cls):
+            raw = env.get(f"VLLM_T2L_{f.name.upper()}")
+            if raw is not None:
+                try:
+                    values[f.name] = type(getattr(cls, f.name))(raw)
+                except ValueError:
+                    raise ValueError(f"VLLM_T2L_{f.name.upper()}={raw!r} is not a valid {f.type}") from None
+        return cls(**values)
+
+    @property
+    def limits(self) -> NameLimits:
+        return NameLimits(self.max_chars, self.max_terms, self.max_abs_weight)
+
+
+class AdapterRequestError(Exception):
+    """Turned into an HTTP 400 with this message by the serving hooks."""
+
+
+class T2LResolver(LoRAResolver):
+    """Generates an adapter the first time a description is asked for; later asks hit the cache.
+
+    Everything heavy is created lazily, so the plugin costs nothing in vLLM's engine processes.
+    Concurrent misses are gathered into one hypernetwork batch, off the event loop.
+    """
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.generator: Generator | None = None
+        self.cache: AdapterCache | None = None
+        self.catalog: dict[str, str] = {}
+        self.max_lora_rank: int | None = None
+        self.base_model: str = ""
+        self.on_evict = None  # set by the hooks: unregister names from vLLM
+        self._queue: list[tuple[AdapterSpec, Path, asyncio.Future]] = []
+        self._worker: asyncio.Task | None = None
+
+    # ---- start-up --------------------------------------------------------------------------
+
+    def start(self, served_config: dict, base_model: str, max_lora_rank: int | None) -> None:
+        """Load checkpoint, embedder, catalog and cache; refuse a checkpoint that does not fit."""
+        import torch
+
+        from vllm_t2l.hypernet import BaseShapes
+        from vllm_t2l.models import DEFAULT_CHECKPOINT, home
+
+        s = self.settings
+        device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.generator = Generator.load(s.checkpoint or DEFAULT_CHECKPOINT, s.embedder or None, device)
+        ckpt = self.generator.checkpoint
+        served = BaseShapes.from_config(served_config, ckpt.config.target_modules, name=base_model)
+        ckpt.check_base(served)
+        if max_lora_rank is not None and ckpt.config.rank > max_lora_rank:
+            raise ValueError(f"checkpoint rank {ckpt.config.rank} exceeds --max-lora-rank {max_lora_rank}")
+        self.catalog = names.load_catalog(s.catalog) if s.catalog else {}
+        root = Path(s.cache_dir) if s.cache_dir else home() / "adapters"
+        self.cache = AdapterCache(root / ckpt.id, CacheLimits(s.cache_max_adapters, s.cache_max_bytes,
+                                                              s.cache_grace_s), self._evicted)
+        self.max_lora_rank, self.base_model = max_lora_rank, base_model
+        self._update_gauges()
+        state = "TRAINED" if ckpt.trained else "UNTRAINED (adapters will not follow descriptions)"
+        log.info("vllm-t2l: %s checkpoint %s (%s, id %s), embedder %s, %d catalog names, cache %s",
+                 state, s.checkpoint or DEFAULT_CHECKPOINT, ckpt.config.arch, ckpt.id,
+                 ckpt.embedder.name, len(self.catalog), self.cache.root)
+
+    def _evicted(self, key: str, registered: set[str]) -> None:
+        if self.on_evict:
+            self.on_evict(registered)
+
+    def _update_gauges(self) -> None:
+        metrics.ADAPTERS_RESIDENT.set(len(self.cache.entries))
+        metrics.CACHE_BYTES.set(self.cache.nbytes)
+
+    # ---- the resolver API --------------------------------------------------------------------
+
+    async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
+        if not names.is_t2l_name(lora_name):
+            return None
+        if self.generator is None:
+            raise AdapterRequestError("vllm-t2l is not started: the server was not launched through "
+                                      "`vllm-t2l serve` or the plugin hooks failed to load")
+        try:
+            spec = names.parse(lora_name, self.catalog, self.settings.limits)
+            rank = self.generator.rank_of(spec)
+            if self.max_lora_rank is not None and rank > self.max_lora_rank:
+                raise AdapterNameError(f"this mix needs LoRA rank {rank}, above the server's "
+                                       f"--max-lora-rank {self.max_lora_rank}; use fewer terms, "
+                                       "mode [emb], or a larger --max-lora-rank")
+        except AdapterNameError as e:
+            metrics.REJECTED_NAMES.inc()
+            raise AdapterRequestError(f"bad adapter name: {e}") from None
+        key = spec.content_id(self.generator.id)
+        try:
+            path, hit = await self.cache.get(key, lambda tmp: self._generate(spec, tmp))
+        except Exception:
+            metrics.GENERATION_ERRORS.inc()
+            log.exception("vllm-t2l: generation failed for %r", lora_name[:200])
+            raise AdapterRequestError("adapter generation failed; see the server log") from None
+        (metrics.CACHE_HITS if hit else metrics.CACHE_MISSES).inc()
+        self.cache.register(key, lora_name)
+        self._update_gauges()
+        return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(path),
+                           base_model_name=base_model_name)
+
+    # ---- batched generation ----------------------------------------------------------------
+
+    async def _generate(self, spec: AdapterSpec, folder: Path) -> None:
+        """Queue one adapter; misses that arrive together share one hypernetwork forward pass."""
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append((spec, folder, fut))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._drain())
+        await fut
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch = self._queue[: self.settings.max_batch]
+            del self._queue[: len(batch)]
+            start = time.perf_counter()
+            try:
+                await asyncio.to_thread(self._write, [(s, f) for s, f, _ in batch])
+            except Exception as e:
+                for *_, fut in batch:
+                    fut.done() or fut.set_exception(e)
+                continue
+            metrics.GENERATION_SECONDS.observe(time.perf_counter() - start)
+            for *_, fut in batch:
+                fut.done() or fut.set_result(None)
+
+    def _write(self, jobs: list[tuple[AdapterSpec, Path]]) -> None:
+        adapters = self.generator.generate([spec for spec, _ in jobs])
+        meta = {"checkpoint": self.generator.id}
+        for (spec, folder), lora in zip(jobs, adapters):
+            lora.save_peft(folder, self.base_model, {**meta, "descriptions": spec.descriptions,
+                                                     "weights": spec.weights, "mode": spec.mode})
