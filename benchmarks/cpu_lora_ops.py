@@ -6,13 +6,19 @@ PunicaWrapperCPU.add_lora_linear does. "decode" uses the bgmv ops with adapters 
 token by token; "prefill" uses the sgmv ops with one adapter per request (contiguous runs).
 All 16 adapter slots are filled; no token uses -1, so both implementations compute the same.
 
-    python -m benchmarks.cpu_lora_ops            # from the repo root
+    python -m benchmarks.cpu_lora_ops [--threads N]    # from the repo root
+
+Times are 10th percentiles of alternating rounds, so they tolerate other load on the machine;
+with other processes busy, ``--threads 1`` avoids OpenMP threads waiting on each other.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,25 +52,32 @@ def _layer_step(ops, path, x, weights, buffers, out, indices):
     shrink, expand = ("bgmv_shrink", "bgmv_expand_slice") if path == "decode" else (
         "sgmv_shrink", "sgmv_expand_slice")
     offset = 0
-    for (a, b), buf, size in zip(weights, buffers, MODULES.values()):
+    for (a, b), buf, size in zip(weights, buffers, MODULES.values(), strict=True):
         ops[shrink](x, a, buf, *meta, 1.0)
         ops[expand](buf, b, out, *meta, offset, size, True)
         offset += size
 
 
-def _time(fn, min_seconds=0.3) -> float:
-    """Median seconds per call after a warm-up."""
-    for _ in range(3):
+def _time(fns, rounds=5, seconds=0.04) -> list[float]:
+    """10th-percentile seconds per call of each fn, measured in alternating rounds so that other
+    load on the machine hits all of them alike (and the low percentile filters it out)."""
+    samples: list[list[float]] = [[] for _ in fns]
+    for fn in fns:  # warm-up
         fn()
-    samples, start = [], time.perf_counter()
-    while time.perf_counter() - start < min_seconds or len(samples) < 5:
-        t = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t)
-    return statistics.median(samples)
+    for _ in range(rounds):
+        for fn, out in zip(fns, samples, strict=True):
+            start = time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                t = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t)
+    return [statistics.quantiles(s, n=10)[0] for s in samples]
 
 
 def main() -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    torch.set_num_threads(parser.parse_args().threads)
     torch.manual_seed(0)
     original = {name: getattr(lora_ops, name) for name in cpu_ops.GROUPED_OPS}
     rows = []
@@ -78,15 +91,15 @@ def main() -> str:
                     x = torch.randn(tokens, HIDDEN).to(dtype)
                     buffers = [torch.zeros(tokens, RANK) for _ in MODULES]
                     out = torch.zeros(tokens, sum(MODULES.values()), dtype=dtype)
-                    times = [_time(lambda ops=ops: _layer_step(ops, path, x, weights, buffers,
-                                                               out, indices))
-                             for ops in (original, cpu_ops.GROUPED_OPS)]
+                    times = _time([partial(_layer_step, ops, path, x, weights, buffers, out,
+                                           indices) for ops in (original, cpu_ops.GROUPED_OPS)])
                     rows.append((str(dtype).removeprefix("torch."), path, tokens, adapters,
                                  times[0] * 1e3, times[1] * 1e3, times[0] / times[1]))
     ratios = [r[-1] for r in rows]
     lines = [
         f"CPU LoRA ops, one layer's q_proj+v_proj (hidden {HIDDEN}, rank {RANK}, {SLOTS} slots), "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads.",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f} at the end.",
         "",
         "| dtype | path | tokens | adapters | vLLM ms | grouped ms | speedup |",
         "|---|---|---:|---:|---:|---:|---:|",

@@ -90,6 +90,8 @@ def load(folder: str | Path, device: str = "cpu") -> Checkpoint:
         raise CheckpointError(f"{folder / CONFIG} is missing: not a vllm-t2l checkpoint") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{folder / CONFIG} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{folder / CONFIG} must hold a JSON object")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise CheckpointError(f"{folder / CONFIG}: expected format {FORMAT!r} version {VERSION}, "
                               f"got {meta.get('format')!r} version {meta.get('version')}")
@@ -97,7 +99,7 @@ def load(folder: str | Path, device: str = "cpu") -> Checkpoint:
         config = HyperConfig(**meta["hypernet"])
         shapes = BaseShapes.from_dict(meta["base"])
         embedder = EmbedderConfig(**meta["embedder"])
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{folder / CONFIG} is incomplete or invalid: {e}") from None
     try:
         state = load_file(folder / WEIGHTS)

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 log = logging.getLogger("vllm_t2l")
@@ -109,6 +110,41 @@ def cmd_import_t2l(ns: argparse.Namespace) -> None:
     print(f"imported {ckpt.config.arch} to {ns.out} (id {ckpt.id})")
 
 
+def cmd_train(ns: argparse.Namespace) -> None:
+    from vllm_t2l.train.loop import TrainConfig, train
+
+    values = {f.name: getattr(ns, f.name) for f in fields(TrainConfig)
+              if f.name != "extra" and getattr(ns, f.name, None) is not None}
+    for key in ("target_modules", "prompt_ids"):
+        if key in values:
+            values[key] = tuple(v for v in values[key].split(",") if v)
+    print(f"wrote {train(TrainConfig(**values))}")
+
+
+def cmd_eval(ns: argparse.Namespace) -> None:
+    from vllm_t2l.train.evaluate import EvalConfig, evaluate
+
+    values = {f.name: getattr(ns, f.name) for f in fields(EvalConfig) if getattr(ns, f.name, None) is not None}
+    cfg = EvalConfig(**values)
+    evaluate(cfg)
+    print((Path(cfg.out) / "quality.md").read_text())
+
+
+def _dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """One --flag per config field, so the CLI never drifts from the dataclass."""
+    for f in fields(cls):
+        if f.name == "extra":
+            continue
+        default = f.default
+        if default is MISSING:
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, required=True)
+            continue
+        kind = str if isinstance(default, tuple) else type(default)
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
+                            help=f"(default: {shown!r})")
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="vllm-t2l", description=__doc__)
@@ -153,13 +189,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--embedder", help="local folder of the checkpoint's embedder (e.g. gte-large-en-v1.5)")
     p.add_argument("--out", required=True)
 
+    from vllm_t2l.train.evaluate import EvalConfig
+    from vllm_t2l.train.loop import TrainConfig
+
+    p = sub.add_parser("train", help="train a hypernetwork (modes: align, sft, recon); resumable")
+    _dataclass_flags(p, TrainConfig)
+    p = sub.add_parser("eval", help="held-out quality of generated adapters vs baselines")
+    _dataclass_flags(p, EvalConfig)
+
     ns, rest = parser.parse_known_args(argv)
     if ns.command == "serve":
         return cmd_serve(ns, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     {"prepare": cmd_prepare, "generate": cmd_generate, "init": cmd_init,
-     "import-t2l": cmd_import_t2l}[ns.command](ns)
+     "import-t2l": cmd_import_t2l, "train": cmd_train,
+     "eval": cmd_eval}[ns.command](ns)
 
 
 if __name__ == "__main__":

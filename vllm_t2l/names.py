@@ -100,16 +100,21 @@ def parse(name: str, catalog: Mapping[str, str] | None = None,
     if not head:
         raise AdapterNameError("adapter names start with 't2l:' or 't2l-mix:' (or 't2l-mix[emb]:')")
     mode: Mode = head.group(1) or "weight"  # type: ignore[assignment]
-    raw_terms = name[head.end():].split("||")
+    raw_terms = [raw.partition("*") for raw in name[head.end():].split("||")]
+    for i, (_, star, _) in enumerate(raw_terms, 1):
+        if not star:
+            raise AdapterNameError(f"mix term {i} needs the form '<weight>*<description>'")
+    return _spec([(w, text) for w, _, text in raw_terms], mode, catalog, limits)
+
+
+def _spec(raw_terms: list[tuple[str, str]], mode: Mode, catalog: Mapping[str, str],
+          limits: NameLimits) -> AdapterSpec:
     if len(raw_terms) > limits.max_terms:
         raise AdapterNameError(f"mix has {len(raw_terms)} terms; the limit is {limits.max_terms}")
     terms = []
-    for i, raw in enumerate(raw_terms, 1):
-        weight_text, star, text = raw.partition("*")
-        if not star:
-            raise AdapterNameError(f"mix term {i} needs the form '<weight>*<description>'")
+    for i, (weight_text, text) in enumerate(raw_terms, 1):
         try:
-            weight = float(weight_text.strip())
+            weight = float(str(weight_text).strip())
         except ValueError:
             raise AdapterNameError(
                 f"mix term {i}: weight {weight_text.strip()!r} is not a number") from None
@@ -132,8 +137,7 @@ def spec_from_parts(descriptions: list[str], weights: list[float] | None = None,
         raise AdapterNameError(f"got {len(weights)} weights for {len(descriptions)} descriptions")
     if mode not in ("weight", "emb"):
         raise AdapterNameError(f"mode must be 'weight' or 'emb', got {mode!r}")
-    body = "||".join(f"{w!r}*{d}" for d, w in zip(descriptions, weights))
-    return parse(f"t2l-mix[{mode}]:{body}", catalog, limits)
+    return _spec([(str(w), d) for d, w in zip(descriptions, weights)], mode, catalog or {}, limits)
 
 
 def load_catalog(path: str | Path) -> dict[str, str]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger("vllm.t2l")
-KEY = re.compile(r"^[0-9a-f]{8,64}$")
+KEY = re.compile(r"[0-9a-f]{8,64}")
 READY = "adapter_config.json"
 
 
@@ -52,7 +52,7 @@ class AdapterCache:
         self.on_evict = on_evict
         self.entries: OrderedDict[str, Entry] = OrderedDict()
         self.retired: dict[str, tuple[Entry, float]] = {}
-        self._inflight: dict[str, asyncio.Future[Path]] = {}
+        self._inflight: dict[str, asyncio.Future[None]] = {}
         self.root.mkdir(parents=True, exist_ok=True)
         self._scan()
 
@@ -62,7 +62,7 @@ class AdapterCache:
         for p in self.root.iterdir():
             if p.name.startswith(".tmp-"):
                 shutil.rmtree(p, ignore_errors=True)
-            elif p.is_dir() and KEY.match(p.name) and (p / READY).exists():
+            elif p.is_dir() and KEY.fullmatch(p.name) and (p / READY).exists():
                 found.append((p.stat().st_mtime, p))
         for _, p in sorted(found):
             self.entries[p.name] = Entry(p, _size(p))
@@ -73,7 +73,7 @@ class AdapterCache:
         return sum(e.nbytes for e in self.entries.values())
 
     def path(self, key: str) -> Path:
-        if not KEY.match(key):
+        if not KEY.fullmatch(key):
             raise ValueError(f"cache keys are hex content ids, got {key!r}")
         return self.root / key
 
@@ -87,22 +87,21 @@ class AdapterCache:
         if key in self.retired:
             self.entries[key] = self.retired.pop(key)[0]
             return path, True
-        if key in self._inflight:
-            return await asyncio.shield(self._inflight[key]), True
-        fut = asyncio.get_running_loop().create_future()
-        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # no "never retrieved" noise
-        self._inflight[key] = fut
+        first = key not in self._inflight
+        if first:  # its own task: a caller that disconnects cancels its wait, not the creation
+            task = asyncio.ensure_future(self._fill(key, path, create))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # no "never retrieved" noise
+            self._inflight[key] = task
+        await asyncio.shield(self._inflight[key])
+        return path, not first
+
+    async def _fill(self, key: str, path: Path, create: Callable[[Path], Awaitable[None]]) -> None:
         try:
             await self._create(path, create)
             self.entries[key] = Entry(path, _size(path))
-            fut.set_result(path)
-        except BaseException as e:
-            fut.set_exception(e)
-            raise
         finally:
             del self._inflight[key]
         self._evict(keep=key)
-        return path, False
 
     async def _create(self, path: Path, create: Callable[[Path], Awaitable[None]]) -> None:
         tmp = self.root / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"

@@ -10,8 +10,15 @@ receives the last slot's delta (the GPU Triton kernels skip -1 rows instead).
 The ops here group tokens by adapter slot and run one matrix product per slot present in the
 batch. Rows with index -1 get nothing: shrink ops write zeros there (as a zero adapter would) and
 expand ops leave them untouched (as the Triton kernels do). Signatures, defaults and in-place
-behaviour otherwise match the originals. They use data-dependent shapes, so they are meant for
-eager mode; vLLM 0.32 on CPU already forces ``CompilationMode.NONE`` whenever LoRA is enabled.
+behaviour otherwise match the originals; products with a 16-bit output are computed in float32
+and rounded once (the originals compute in the output dtype), so results agree to rounding.
+The ops use data-dependent shapes, so they are meant for eager mode; vLLM 0.32 on CPU already
+forces ``CompilationMode.NONE`` whenever LoRA is enabled.
+
+Fixing the ops fixes every CPU LoRA path that uses -1: linear layers (``add_lora_linear``), the
+LoRA lm_head (``add_lora_logits``, indexed per request by ``sampler_indices``) and embeddings
+(``add_lora_embedding``; there vLLM maps -1 rows to slot 0's A rows, and only the expand op,
+fixed here, keeps that from reaching the output).
 
 ``install()`` patches vLLM with them, only for vLLM releases verified here (``vllm.__version__``),
 only on the CPU platform, and only once. Set ``VLLM_T2L_CPU_OPS=0`` to disable it (for example to
@@ -47,8 +54,10 @@ PATCH_MODULES = (
 _originals: dict[str, object] = {}  # op name -> vLLM's function, filled by install()
 
 
-def _grouped_matmul(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor):
-    """``x[t] @ weights[indices[t]].T`` for every token with an adapter, one matmul per slot.
+def _grouped_matmul(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                    dtype: torch.dtype):
+    """``x[t] @ weights[indices[t]].T`` in ``dtype`` for every token with an adapter (slot >= 0),
+    one matmul per slot present.
 
     Tokens are stably sorted by slot so each slot's tokens form one contiguous block (a single
     gather, then views). Returns ``(rows, y)``: ``y[i]`` is the result for token ``rows[i]``.
@@ -62,36 +71,41 @@ def _grouped_matmul(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tenso
     slots, counts = slots.tolist(), counts.tolist()
     if slots[-1] < 0:
         return None, None
+    weights_t = weights.transpose(1, 2)
     if len(slots) == 1:
-        return slice(None), x @ weights[slots[0]].T
+        return slice(None), x.to(dtype) @ weights_t[slots[0]].to(dtype)
     if slots[0] < 0:  # -1 sorts first: drop those tokens
-        order, slots, counts = order[counts[0]:], slots[1:], counts[1:]
-    xs = x[order]
+        order, slots, counts = order[counts[0] :], slots[1:], counts[1:]
+    xs = x.index_select(0, order).to(dtype)
     y = xs.new_empty(xs.shape[0], weights.shape[1])
-    start = 0
-    for slot, n in zip(slots, counts):
-        torch.matmul(xs[start : start + n], weights[slot].T, out=y[start : start + n])
-        start += n
+    for slot, x_block, y_block in zip(slots, xs.split(counts), y.split(counts)):
+        w = weights_t[slot]
+        torch.mm(x_block, w if w.dtype == dtype else w.to(dtype), out=y_block)
     return order, y
 
 
-def _stacked(weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[slots, 1, out, in]`` or ``[slots, out, in]`` weights as ``[slots, out, in]`` in the
-    output dtype (vLLM's ops compute in the output dtype too)."""
-    return (weights.squeeze(1) if weights.dim() == 4 else weights).to(dtype)
+def _compute_dtype(out: torch.Tensor) -> torch.dtype:
+    """float32 for 16-bit outputs: one rounding at the end, and small bf16/fp16 matmuls cost
+    ~15 us each on CPU (vs ~4 us in float32). vLLM's ops compute in the output dtype instead."""
+    return torch.promote_types(out.dtype, torch.float32)
+
+
+def _stacked(weights: torch.Tensor) -> torch.Tensor:
+    """``[slots, 1, out, in]`` or ``[slots, out, in]`` weights as ``[slots, out, in]``."""
+    return weights.squeeze(1) if weights.dim() == 4 else weights
 
 
 def _expand(inputs, weights, out, indices, add_inputs):
     """``out[t] (+)= inputs[t] @ weights[slot].T``; rows with slot -1 stay untouched."""
-    rows, y = _grouped_matmul(inputs.to(out.dtype), _stacked(weights, out.dtype), indices)
+    rows, y = _grouped_matmul(inputs, _stacked(weights), indices, _compute_dtype(out))
     if rows is None:
         return
     if isinstance(rows, slice):
         out.add_(y) if add_inputs else out.copy_(y)
     elif add_inputs:
-        out.index_add_(0, rows, y)
+        out.index_add_(0, rows, y.to(out.dtype))
     else:
-        out.index_copy_(0, rows, y)
+        out.index_copy_(0, rows, y.to(out.dtype))
 
 
 def bgmv_shrink(
@@ -102,15 +116,15 @@ def bgmv_shrink(
     scaling: float = 1.0,
 ):
     """``output[:, :r] = scaling * x @ A[slot].T`` per token; zeros for -1 tokens."""
-    weights = _stacked(lora_b_weights, output_tensor.dtype)
+    weights = _stacked(lora_b_weights)
     out = output_tensor[:, : weights.shape[1]]
-    rows, y = _grouped_matmul(inputs.to(out.dtype), weights, lora_indices_tensor)
+    rows, y = _grouped_matmul(inputs, weights, lora_indices_tensor, _compute_dtype(out))
     if isinstance(rows, slice):
         out.copy_(y.mul_(scaling))
     else:
         out.zero_()
         if rows is not None:
-            out.index_copy_(0, rows, y.mul_(scaling))
+            out.index_copy_(0, rows, y.mul_(scaling).to(out.dtype))
 
 
 def bgmv_expand(
@@ -216,12 +230,13 @@ def _swap(replacements: dict[int, object]) -> None:
     """Rebind every module-level name whose value is a key of ``replacements`` (by ``id``).
 
     Covers the known modules (imported here, so later ``from ... import`` picks up the new
-    functions) and any already-loaded module that copied the functions into its namespace.
+    functions) and any already-loaded module that copied the functions into its namespace,
+    except this one (its names must stay the grouped ops).
     """
     for name in PATCH_MODULES:
         importlib.import_module(name)
     for module in list(sys.modules.values()):
-        if not isinstance(module, types.ModuleType):
+        if not isinstance(module, types.ModuleType) or module.__name__ == __name__:
             continue
         namespace = module.__dict__
         for attr in GROUPED_OPS:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, fields
@@ -45,10 +46,15 @@ class Settings:
         for f in fields(cls):
             raw = env.get(f"VLLM_T2L_{f.name.upper()}")
             if raw is not None:
+                kind = type(getattr(cls, f.name))
                 try:
-                    values[f.name] = type(getattr(cls, f.name))(raw)
+                    value = kind(raw)
+                    if kind in (int, float) and not (math.isfinite(value) and value >= 0):
+                        raise ValueError
                 except ValueError:
-                    raise ValueError(f"VLLM_T2L_{f.name.upper()}={raw!r} is not a valid {f.type}") from None
+                    what = f"a non-negative finite {kind.__name__}" if kind in (int, float) else f"a valid {f.type}"
+                    raise ValueError(f"VLLM_T2L_{f.name.upper()}={raw!r} is not {what}") from None
+                values[f.name] = value
         return cls(**values)
 
     @property

@@ -1,0 +1,86 @@
+"""Every check type accepts compliant replies and rejects non-compliant ones; bad specs fail loudly."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_t2l.train.checks import CHECKS, check
+
+CASES = [  # (spec, replies that comply, replies that do not)
+    ({"type": "all_caps"},
+     ["THE SKY IS BLUE BECAUSE OF RAYLEIGH SCATTERING!", "YES, 42."],
+     ["THE SKY IS Blue.", "1234 !!!", "ÉCOLE est fermée"]),
+    ({"type": "all_lowercase"},
+     ["the sky is blue, lol", "i think it's 42."],
+     ["The sky is blue.", "ok NASA said so", "... 42 ..."]),
+    ({"type": "max_words", "n": 5},
+     ["Paris.", "It is in France, mate."],
+     ["The capital of France is Paris, of course."]),
+    ({"type": "min_words", "n": 6},
+     ["one two three four five six", "Well, the answer really depends on context."],
+     ["Too short.", "a b c d e"]),
+    ({"type": "ends_with", "text": "Amen"},
+     ["Be kind to one another. Amen.", "Drink water, amen!!  \n", 'He said "Amen"'],
+     ["Amen, be kind.", "Be kind to one another."]),
+    ({"type": "ends_with", "text": "Sold!"},
+     ["Going once, going twice... SOLD!", "and that's a wrap. Sold"],
+     ["Sold to the lady in red."]),
+    ({"type": "starts_with", "text": "Ahoy"},
+     ["Ahoy, matey! The sea be salty.", "  \nahoy there."],
+     ["Well, ahoy.", "Aho y"]),
+    ({"type": "bullet_list"},
+     ["- first\n- second", "Points:\n* one\n  * two", "• apples\n•pears"],
+     ["- only one bullet", "**Bold** start\n**Another** bold line", "---\n---", "first - second - third"]),
+    ({"type": "numbered_list"},
+     ["1. Preheat the oven.\n2. Mix the flour.", "Steps:\n 1) boil\n 2) stir"],
+     ["1. Only one step.", "In 2023. Then in 2024.", "Step one, step two."]),
+    ({"type": "contains", "text": "banana"},
+     ["Have a BANANA for energy.", "bananas are great"],
+     ["Have an apple."]),
+    ({"type": "no_commas"},
+     ["No commas here. Just full stops."],
+     ["Well, that has one."]),
+    ({"type": "question_mark_end"},
+     ["Paris is the capital. What else would you like to know?", 'She asked "why?"  '],
+     ["Why? Because.", "Is it? Yes it is!"]),
+    ({"type": "exclamations", "n": 3},
+     ["Wow! Amazing! Incredible!", "Yes!!!"],
+     ["Wow! Amazing.", "No exclamations."]),
+]
+
+
+@pytest.mark.parametrize("spec,good,bad", CASES, ids=[c[0]["type"] for c in CASES])
+def test_check_passes_and_fails(spec: dict, good: list[str], bad: list[str]) -> None:
+    for reply in good:
+        assert check(spec, reply), f"{spec} should accept {reply!r}"
+    for reply in bad:
+        assert not check(spec, reply), f"{spec} should reject {reply!r}"
+
+
+def test_cases_cover_every_type() -> None:
+    assert {c[0]["type"] for c in CASES} == set(CHECKS)
+
+
+@pytest.mark.parametrize("spec", [c[0] for c in CASES], ids=[c[0]["type"] for c in CASES])
+def test_blank_reply_never_complies(spec: dict) -> None:
+    assert not check(spec, "")
+    assert not check(spec, "  \n\t")
+
+
+@pytest.mark.parametrize("spec,match", [
+    ({"type": "rhymes"}, "unknown check type 'rhymes'"),
+    ({"text": "Amen"}, "'type' key"),
+    ("all_caps", "'type' key"),
+    ({"type": "max_words"}, "integer 'n'"),
+    ({"type": "min_words", "n": "10"}, "integer 'n'"),
+    ({"type": "exclamations", "n": True}, "integer 'n'"),
+    ({"type": "max_words", "n": -1}, "integer 'n'"),
+    ({"type": "ends_with"}, "string 'text'"),
+    ({"type": "starts_with", "text": "   "}, "string 'text'"),
+    ({"type": "contains", "text": 3}, "string 'text'"),
+])
+def test_bad_spec_raises(spec: object, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        check(spec, "any reply")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=match):
+        check(spec, "")  # type: ignore[arg-type]

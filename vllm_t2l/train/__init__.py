@@ -1,0 +1,1 @@
+"""Hypernetwork training: context distillation from alignment prompts, plus task SFT."""

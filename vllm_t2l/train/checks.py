@@ -1,0 +1,111 @@
+"""Programmatic compliance checks for alignment prompts.
+
+A prompt in `data/prompts.jsonl` may carry a `check` spec such as ``{"type": "ends_with", "text": "Amen"}``.
+Evaluation uses these to score whether a generated adapter really changed behaviour, without a judge model.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+# Trailing characters a model adds after a sign-off ("Amen!", "...Over.'") that must not defeat ends_with.
+_CLOSING = " \t\r\n.!?\"'"
+_BULLET = re.compile(r"^\s*(?:[-*]\s+|•\s*)\S", re.MULTILINE)
+_NUMBERED = re.compile(r"^\s*\d+[.)]\s+\S", re.MULTILINE)
+
+
+def _int_param(spec: dict, name: str) -> int:
+    value = spec.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"check {spec.get('type')!r} needs a non-negative integer {name!r}, got {value!r}")
+    return value
+
+
+def _text_param(spec: dict, name: str = "text") -> str:
+    value = spec.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"check {spec.get('type')!r} needs a non-empty string {name!r}, got {value!r}")
+    return value
+
+
+def _all_caps(spec: dict, reply: str) -> bool:
+    return any(c.isalpha() for c in reply) and not any(c.islower() for c in reply)
+
+
+def _all_lowercase(spec: dict, reply: str) -> bool:
+    return any(c.isalpha() for c in reply) and not any(c.isupper() for c in reply)
+
+
+def _max_words(spec: dict, reply: str) -> bool:
+    return len(reply.split()) <= _int_param(spec, "n")
+
+
+def _min_words(spec: dict, reply: str) -> bool:
+    return len(reply.split()) >= _int_param(spec, "n")
+
+
+def _ends_with(spec: dict, reply: str) -> bool:
+    # The target is stripped too, so a spec written as "Sold!" behaves like "Sold".
+    target = _text_param(spec).rstrip(_CLOSING).lower()
+    return reply.rstrip(_CLOSING).lower().endswith(target)
+
+
+def _starts_with(spec: dict, reply: str) -> bool:
+    return reply.lstrip().lower().startswith(_text_param(spec).lower())
+
+
+def _bullet_list(spec: dict, reply: str) -> bool:
+    # A marker must be followed by whitespace for - and *, so **bold** lines and --- rules do not count.
+    return len(_BULLET.findall(reply)) >= 2
+
+
+def _numbered_list(spec: dict, reply: str) -> bool:
+    return len(_NUMBERED.findall(reply)) >= 2
+
+
+def _contains(spec: dict, reply: str) -> bool:
+    return _text_param(spec).lower() in reply.lower()
+
+
+def _no_commas(spec: dict, reply: str) -> bool:
+    return "," not in reply
+
+
+def _question_mark_end(spec: dict, reply: str) -> bool:
+    return reply.rstrip(" \t\r\n\"'").endswith("?")
+
+
+def _exclamations(spec: dict, reply: str) -> bool:
+    return reply.count("!") >= _int_param(spec, "n")
+
+
+CHECKS: dict[str, Callable[[dict, str], bool]] = {
+    "all_caps": _all_caps,
+    "all_lowercase": _all_lowercase,
+    "max_words": _max_words,
+    "min_words": _min_words,
+    "ends_with": _ends_with,
+    "starts_with": _starts_with,
+    "bullet_list": _bullet_list,
+    "numbered_list": _numbered_list,
+    "contains": _contains,
+    "no_commas": _no_commas,
+    "question_mark_end": _question_mark_end,
+    "exclamations": _exclamations,
+}
+
+
+def check(spec: dict, reply: str) -> bool:
+    """True when `reply` complies with `spec`.
+
+    A blank reply never complies: degenerate empty generations would otherwise pass max_words and no_commas
+    and inflate compliance scores.
+    """
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ValueError(f"check spec must be a dict with a 'type' key, got {spec!r}")
+    fn = CHECKS.get(spec["type"])
+    if fn is None:
+        raise ValueError(f"unknown check type {spec['type']!r}; expected one of {sorted(CHECKS)}")
+    result = fn(spec, reply)  # evaluated first so a bad spec raises even for a blank reply
+    return result and bool(reply.strip())

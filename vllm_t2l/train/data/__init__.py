@@ -1,0 +1,32 @@
+"""The project's own training data, shipped as package data so training works from an installed wheel.
+
+- ``prompts.jsonl``: alignment prompts (behaviours) for context distillation, each with paraphrased
+  descriptions, a family, a split (train / heldout_prompt / heldout_family) and an optional compliance
+  check (see ``vllm_t2l.train.checks``).
+- ``queries.jsonl``: generic user queries the teacher and student both answer (split train / heldout).
+- ``task_sft.jsonl``: small supervised tasks with phrasings of the task and input/output examples.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+DATA_DIR = Path(__file__).parent
+
+
+def _read_jsonl(name: str) -> list[dict]:
+    with (DATA_DIR / name).open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def load_prompts() -> list[dict]:
+    return _read_jsonl("prompts.jsonl")
+
+
+def load_queries() -> list[dict]:
+    return _read_jsonl("queries.jsonl")
+
+
+def load_tasks() -> list[dict]:
+    return _read_jsonl("task_sft.jsonl")

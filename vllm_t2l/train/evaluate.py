@@ -1,0 +1,180 @@
+"""`vllm-t2l eval`: how well generated adapters reproduce held-out descriptions, side by side.
+
+On held-out descriptions (held-out prompts and whole held-out families) and held-out queries:
+- mean per-token KL(teacher || model) for: the base model without the prompt; a description-blind
+  multi-task LoRA; the generated adapter; a per-prompt oracle LoRA; the prompt in context (0);
+- compliance with the program-checkable prompts, for the same five;
+- context tokens saved per request versus sending the description as the system prompt.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from vllm_t2l.generator import Generator
+from vllm_t2l.lora import LoRAWeights
+from vllm_t2l.names import spec_from_parts
+from vllm_t2l.train import checks, data, objectives, teacher
+from vllm_t2l.train.student import Student
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str
+    out: str = "benchmarks/results/quality"
+    teacher_cache: str = ""  # where held-out teacher answers are cached (default: <out>/teacher-heldout.pt)
+    multitask: str = ""  # PEFT folder of the description-blind LoRA
+    oracles: str = ""  # folder of per-prompt PEFT folders, named by prompt id
+    queries_per_prompt: int = 6
+    max_new_tokens: int = 32
+    top_k: int = 16
+    batch_size: int = 16
+    seed: int = 1
+
+
+def heldout_triples(cfg: EvalConfig) -> list[tuple[dict, str, dict]]:
+    prompts = [p for p in data.load_prompts() if p["split"] != "train"]
+    queries = [q for q in data.load_queries() if q["split"] == "heldout"]
+    return teacher.pairs(prompts, queries, cfg.queries_per_prompt, cfg.seed, all_descriptions=False)
+
+
+def _as_batch(loras: list[LoRAWeights]) -> tuple[dict, torch.Tensor]:
+    """Stack adapters (any ranks: zero-padded to the largest) into the student's per-row format."""
+    r = max(lo.rank for lo in loras)
+    batch = {}
+    for m in loras[0].A:
+        A = [torch.nn.functional.pad(lo.A[m], (0, 0, 0, r - lo.rank)) for lo in loras]
+        B = [torch.nn.functional.pad(lo.B[m], (0, r - lo.rank)) for lo in loras]
+        batch[m] = (torch.stack(A), torch.stack(B))
+    return batch, torch.tensor([lo.scaling for lo in loras])
+
+
+@torch.no_grad()
+def kl_per_sample(student: Student, samples: list[teacher.Sample], adapter_of, cfg: EvalConfig,
+                  name: str) -> list[float]:
+    """Mean per-token KL(teacher || student + adapter) of each sample, on the teacher's answer."""
+    kls = []
+    for start in tqdm(range(0, len(samples), cfg.batch_size), desc=f"KL {name}", unit="batch"):
+        chunk = samples[start:start + cfg.batch_size]
+        loras = [adapter_of(s) for s in chunk]
+        student.set_adapters(*_as_batch(loras)) if loras[0] is not None else student.set_adapters(None)
+        batch = student.make_batch([s.student_prompt for s in chunk], [s.response for s in chunk])
+        per_token = objectives.distill_kl(student.logits(batch), torch.cat([s.top_ids for s in chunk]),
+                                          torch.cat([s.top_logp for s in chunk]))
+        offset = 0
+        for s in chunk:
+            kls.append(per_token[offset:offset + len(s.response)].mean().item())
+            offset += len(s.response)
+    student.set_adapters(None)
+    return kls
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    from vllm_t2l.models import prepare_default_model
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = Generator.load(cfg.checkpoint)
+    model_dir = prepare_default_model()
+    student = Student(model_dir, gen.checkpoint.config.target_modules)
+    cache = Path(cfg.teacher_cache) if cfg.teacher_cache else out / "teacher-heldout.pt"
+    if cache.exists():
+        samples = teacher.load(cache)
+    else:
+        samples = teacher.build(student, model_dir, heldout_triples(cfg), cfg.max_new_tokens, cfg.top_k)
+        teacher.save(samples, cache)
+    prompts = {p["id"]: p for p in data.load_prompts()}
+    descs = sorted({s.description for s in samples})
+    generated = dict(zip(descs, gen.generate([spec_from_parts([d]) for d in descs])))
+
+    folders = {}
+    for i, (d, lora) in enumerate(generated.items()):
+        folders[d] = str(lora.save_peft(out / "adapters" / f"generated-{i:03d}", model_dir.name))
+    setups = {"base (no prompt)": (lambda s: None, lambda s: None),
+              "generated adapter": (lambda s: generated[s.description], lambda s: folders[s.description])}
+    if cfg.multitask:
+        mt = LoRAWeights.load_peft(cfg.multitask)
+        setups["multi-task LoRA"] = (lambda s: mt, lambda s: cfg.multitask)
+    oracle: dict[str, LoRAWeights] = {}
+    if cfg.oracles:
+        oracle = {p.name: LoRAWeights.load_peft(p) for p in Path(cfg.oracles).iterdir()
+                  if (p / "adapter_config.json").exists()}
+        setups["oracle LoRA"] = (lambda s: oracle[s.prompt_id], lambda s: str(Path(cfg.oracles) / s.prompt_id))
+
+    rows: dict[str, dict] = {}
+    jobs = []  # (setup, sample) pairs whose answers vLLM writes in one engine run
+    for name, (lora_of, _) in setups.items():
+        subset = [s for s in samples if name != "oracle LoRA" or s.prompt_id in oracle]
+        rows[name] = {"samples": subset, "kl": kl_per_sample(student, subset, lora_of, cfg, name)}
+        jobs += [(name, s) for s in subset]
+    from vllm_t2l.serving.offline import answer
+
+    outs = answer(model_dir, [[{"role": "user", "content": s.query}] for _, s in jobs], cfg.max_new_tokens, 1,
+                  adapters=[setups[name][1](s) for name, s in jobs])
+    for (name, _), a in zip(jobs, outs):
+        rows[name].setdefault("answers", []).append(student.tokenizer.decode(a.token_ids, skip_special_tokens=True))
+    teacher_answers = [student.tokenizer.decode(s.response, skip_special_tokens=True) for s in samples]
+    rows["prompt in context"] = {"samples": samples, "kl": [0.0] * len(samples), "answers": teacher_answers}
+    oracle_ids = set(oracle)
+
+    def summary(name: str, only: set[str] | None = None) -> dict:
+        row = rows[name]
+        pick = [i for i, s in enumerate(row["samples"]) if only is None or s.prompt_id in only]
+        kl = sum(row["kl"][i] for i in pick) / max(1, len(pick))
+        checked = [(row["answers"][i], prompts[row["samples"][i].prompt_id]["check"]) for i in pick
+                   if prompts[row["samples"][i].prompt_id].get("check")]
+        comply = sum(checks.check(spec, a) for a, spec in checked) / len(checked) if checked else float("nan")
+        return {"kl": kl, "compliance": comply, "n": len(pick), "n_checked": len(checked)}
+
+    result = {"all": {n: summary(n) for n in rows}}
+    if oracle_ids:
+        result["oracle subset"] = {n: summary(n, oracle_ids) for n in rows}
+    for part in result.values():
+        base_kl = part["base (no prompt)"]["kl"]
+        for v in part.values():
+            v["gap_closed"] = 1 - v["kl"] / base_kl if base_kl > 0 else float("nan")
+    saved = [len(student.prompt_ids(s.query, system=s.description)) - len(s.student_prompt) for s in samples]
+    result["context_tokens_saved_per_request"] = sum(saved) / len(saved)
+    result["checkpoint"] = {"path": cfg.checkpoint, "id": gen.id, "arch": gen.checkpoint.config.arch,
+                            "params": sum(p.numel() for p in gen.checkpoint.hypernet.parameters())}
+    (out / "quality.json").write_text(json.dumps(result, indent=2))
+    write_report(result, out)
+    return result
+
+
+def write_report(result: dict, out: Path) -> None:
+    lines = [f"# Alignment-prompt quality on held-out descriptions ({result['checkpoint']['arch']}, "
+             f"{result['checkpoint']['params']:,} parameters)", ""]
+    for part, table in result.items():
+        if not isinstance(table, dict) or "base (no prompt)" not in table:
+            continue
+        lines += [f"## {part}", "", "| setup | KL per token | share of base gap closed | compliance | samples |",
+                  "|---|---|---|---|---|"]
+        for name, v in table.items():
+            lines.append(f"| {name} | {v['kl']:.4f} | {v['gap_closed']:.1%} | {v['compliance']:.1%} "
+                         f"({v['n_checked']}) | {v['n']} |")
+        lines.append("")
+    lines.append(f"Context tokens saved per request: {result['context_tokens_saved_per_request']:.1f}")
+    (out / "quality.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        table = result["all"]
+        names = list(table)
+        fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+        ax[0].barh(names, [table[n]["kl"] for n in names])
+        ax[0].set_xlabel("KL(teacher || model) per token")
+        ax[1].barh(names, [table[n]["compliance"] for n in names])
+        ax[1].set_xlabel("compliance with checkable prompts")
+        fig.tight_layout()
+        fig.savefig(out / "quality.png", dpi=120)
+    except ImportError:
+        pass

@@ -1,0 +1,243 @@
+"""`vllm-t2l train`: fit a hypernetwork (or a plain LoRA baseline) with one of three objectives.
+
+- align: context distillation; the generated adapter must reproduce the description-as-system-prompt.
+- sft:   (description, input, output) examples, response-only cross-entropy (as Text-to-LoRA).
+- recon: match a library of existing PEFT adapters, each with its description.
+
+Resumable: ``<out>/state.pt`` holds weights, optimizer, step and RNG state, written atomically every
+``save_every`` steps; ``<out>/checkpoint`` is a servable checkpoint; ``<out>/log.jsonl`` the log.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from vllm_t2l.checkpoint import Checkpoint
+from vllm_t2l.embed import Embedder, EmbedderConfig
+from vllm_t2l.hypernet import BaseShapes, HyperConfig, HyperNet, LoRABatch
+from vllm_t2l.lora import LoRAWeights
+from vllm_t2l.train import data, objectives, teacher
+from vllm_t2l.train.student import Student
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "align"  # align | sft | recon
+    arch: str = "zhyper-diag"  # a hypernetwork arch, or "lora" for a description-blind LoRA
+    out: str = "runs/default"
+    base_model: str = ""  # empty: the embedded default
+    embedder: str = ""  # empty: the embedded MiniLM
+    embedder_name: str = ""  # identity recorded in the checkpoint (default: the MiniLM's name)
+    steps: int = 600
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: int = 30
+    rank: int = 8
+    alpha: float = 16.0
+    latent: int = 128
+    head_in: int = 256
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    per_prompt: int = 12  # teacher answers per training prompt
+    max_new_tokens: int = 32
+    top_k: int = 16
+    prompt_ids: tuple[str, ...] = ()  # restrict training to these prompts (oracle adapters)
+    adapters: str = ""  # recon: folder of PEFT adapter folders
+    save_every: int = 50
+    seed: int = 0
+    threads: int = 0  # 0: torch default
+    extra: dict = field(default_factory=dict)
+
+
+class FreeLoRA(nn.Module):
+    """One LoRA shared by every row: the description-blind multi-task baseline and the oracles."""
+
+    def __init__(self, config: HyperConfig, shapes: BaseShapes):
+        super().__init__()
+        self.config, self.shapes = config, shapes
+        L, r = shapes.n_layers, config.rank
+        self.A = nn.ParameterDict({m: nn.Parameter(torch.empty(L, r, i)) for m, (i, _) in shapes.modules.items()})
+        self.B = nn.ParameterDict({m: nn.Parameter(torch.zeros(L, o, r)) for m, (_, o) in shapes.modules.items()})
+        for a in self.A.values():
+            for layer in a:
+                nn.init.kaiming_uniform_(layer, a=math.sqrt(5))
+
+    def forward(self, emb: Tensor) -> LoRABatch:
+        n = emb.shape[0]
+        return {m: (self.A[m].expand(n, *self.A[m].shape), self.B[m].expand(n, *self.B[m].shape)) for m in self.A}
+
+    def weights(self) -> LoRAWeights:
+        return LoRAWeights({m: a.detach().clone() for m, a in self.A.items()},
+                           {m: b.detach().clone() for m, b in self.B.items()},
+                           self.config.alpha, self.config.use_rslora)
+
+
+def _examples(cfg: TrainConfig, student: Student, base_dir: Path, out: Path) -> list[teacher.Sample]:
+    """Training examples for the mode, cached under ``out`` (teacher answers are the slow part)."""
+    if cfg.mode == "align":
+        cache = out / "teacher-train.pt"
+        if cache.exists():
+            return teacher.load(cache)
+        # Named prompts (oracles) may be held-out ones: trained on their canonical wording only.
+        prompts = [p for p in data.load_prompts()
+                   if (p["id"] in cfg.prompt_ids if cfg.prompt_ids else p["split"] == "train")]
+        queries = [q for q in data.load_queries() if q["split"] == "train"]
+        triples = teacher.pairs(prompts, queries, cfg.per_prompt, cfg.seed,
+                                all_descriptions=not cfg.prompt_ids)
+        samples = teacher.build(student, base_dir, triples, cfg.max_new_tokens, cfg.top_k)
+        teacher.save(samples, cache)
+        return samples
+    if cfg.mode == "sft":
+        eos = student.tokenizer.eos_token_id
+        out_samples = []
+        for task in data.load_tasks():
+            if task["split"] != "train":
+                continue
+            for j, ex in enumerate(task["examples"]):
+                response = student.tokenizer(ex["output"], add_special_tokens=False)["input_ids"] + [eos]
+                desc = task["descriptions"][j % len(task["descriptions"])]
+                out_samples.append(teacher.Sample(task["task"], desc, ex["input"],
+                                                  student.prompt_ids(ex["input"]), response,
+                                                  torch.zeros(0), torch.zeros(0)))
+        return out_samples
+    raise ValueError(f"unknown mode {cfg.mode!r}")
+
+
+def _recon_library(folder: Path) -> list[tuple[str, LoRAWeights]]:
+    items = []
+    for sub in sorted(p for p in folder.iterdir() if (p / "adapter_config.json").exists()):
+        meta = json.loads((sub / "adapter_config.json").read_text()).get("vllm_t2l", {})
+        desc_file = sub / "description.txt"
+        desc = desc_file.read_text().strip() if desc_file.exists() else " ".join(meta.get("descriptions", []))
+        if not desc:
+            raise ValueError(f"{sub} has no description.txt and no vllm_t2l.descriptions in adapter_config.json")
+        items.append((desc, LoRAWeights.load_peft(sub)))
+    if not items:
+        raise ValueError(f"{folder} holds no PEFT adapter folders")
+    return items
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Runs (or resumes) training; returns the servable checkpoint folder."""
+    from vllm_t2l.models import DEFAULT_EMBEDDER_NAME, default_embedder_path, prepare_default_model
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    base_dir = Path(cfg.base_model) if cfg.base_model else prepare_default_model()
+    embedder_path = cfg.embedder or str(default_embedder_path())
+    emb_cfg = EmbedderConfig(name=cfg.embedder_name or (DEFAULT_EMBEDDER_NAME if not cfg.embedder else cfg.embedder),
+                             dim=0)
+    from sentence_transformers import SentenceTransformer  # only to read the dimension and pooling
+
+    probe = SentenceTransformer(embedder_path, device="cpu", local_files_only=True)
+    emb_cfg.dim = probe.get_embedding_dimension()
+    emb_cfg.pooling = next((m.get_config_dict()["pooling_mode"] for m in probe if type(m).__name__ == "Pooling"),
+                           "mean")
+    del probe
+    embedder = Embedder(emb_cfg, embedder_path)
+
+    hyper_arch = "t2l-L" if cfg.arch == "lora" else cfg.arch
+    hcfg = HyperConfig(arch=hyper_arch, emb_dim=emb_cfg.dim, latent=cfg.latent, head_in=cfg.head_in,
+                       rank=cfg.rank, alpha=cfg.alpha, target_modules=tuple(cfg.target_modules))
+    shapes = BaseShapes.from_config(base_dir, hcfg.target_modules, name=base_dir.name)
+    model: nn.Module = FreeLoRA(hcfg, shapes) if cfg.arch == "lora" else HyperNet(hcfg, shapes)
+    student = Student(base_dir, hcfg.target_modules) if cfg.mode != "recon" else None
+
+    if cfg.mode == "recon":
+        library = _recon_library(Path(cfg.adapters))
+        texts = [d for d, _ in library]
+    else:
+        samples = _examples(cfg, student, base_dir, out)
+        texts = sorted({s.description for s in samples})
+    table = dict(zip(texts, embedder(texts)))
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * max(
+        0.05, 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, cfg.steps))))))
+    step = 0
+    state_path = out / "state.pt"
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        step = state["step"]
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(_tuple(state["py_rng"]))
+
+    n_items = len(library) if cfg.mode == "recon" else len(samples)
+    log = open(out / "log.jsonl", "a")
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.mode}/{cfg.arch}", unit="step")
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        idx = random.sample(range(n_items), min(cfg.batch_size, n_items))
+        if cfg.mode == "recon":
+            emb = torch.stack([table[library[i][0]] for i in idx])
+            pred = model(emb)
+            target = {m: (torch.stack([library[i][1].A[m] for i in idx]),
+                          torch.stack([library[i][1].B[m] for i in idx])) for m in pred}
+            loss = objectives.reconstruction(pred, target)
+        else:
+            chunk = [samples[i] for i in idx]
+            emb = torch.stack([table[s.description] for s in chunk])
+            student.set_adapters(model(emb), hcfg.scaling)
+            batch = student.make_batch([s.student_prompt for s in chunk], [s.response for s in chunk])
+            logits = student.logits(batch)
+            if cfg.mode == "align":
+                per_token = objectives.distill_kl(logits, torch.cat([s.top_ids for s in chunk]),
+                                                  torch.cat([s.top_logp for s in chunk]))
+            else:
+                per_token = objectives.cross_entropy(logits, batch.targets, label_smoothing=0.1)
+            loss = per_token.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        log.write(json.dumps({"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0],
+                              "seconds": round(time.perf_counter() - t0, 3)}) + "\n")
+        log.flush()
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            _save_state(state_path, model, opt, sched, step)
+    bar.close()
+    if student is not None:
+        student.set_adapters(None)
+    model.eval()
+    if isinstance(model, FreeLoRA):
+        return model.weights().save_peft(out / "adapter", base_dir.name, {"trained": cfg.mode, "steps": step})
+    card = {"mode": cfg.mode, "steps": step, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
+            "examples": n_items, "descriptions": len(texts)}
+    ckpt = Checkpoint(model, emb_cfg, trained=True, card=card)
+    return ckpt.save(out / "checkpoint")
+
+
+def _tuple(x):
+    return tuple(_tuple(v) for v in x) if isinstance(x, list) else x
+
+
+def _save_state(path: Path, model: nn.Module, opt, sched, step: int) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "step": step, "torch_rng": torch.get_rng_state(),
+                "py_rng": list(random.getstate())}, tmp)
+    tmp.replace(path)

@@ -1,0 +1,33 @@
+"""Losses for the three training modes; each takes student logits at the answer positions."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def distill_kl(logits: Tensor, top_ids: Tensor, top_logp: Tensor) -> Tensor:
+    """Per-token KL(teacher || student) from the teacher's top-k plus one bucket for the rest.
+
+    logits [K, V] (student), top_ids/top_logp [K, k] (teacher). Exact when the teacher's mass
+    outside its top-k is zero; otherwise the tail is compared as a single outcome.
+    """
+    s_logp = torch.log_softmax(logits.float(), dim=-1)
+    t_logp = top_logp.float()
+    s_top = s_logp.gather(-1, top_ids.long())
+    kl = (t_logp.exp() * (t_logp - s_top)).sum(-1)
+    t_tail = (1 - t_logp.exp().sum(-1)).clamp_min(1e-8)
+    s_tail = (1 - s_top.exp().sum(-1)).clamp_min(1e-8)
+    return kl + t_tail * (t_tail.log() - s_tail.log())
+
+
+def cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none",
+                                             label_smoothing=label_smoothing)
+
+
+def reconstruction(pred: dict[str, tuple[Tensor, Tensor]], target: dict[str, tuple[Tensor, Tensor]]) -> Tensor:
+    """L1 between generated and library A/B matrices (Text-to-LoRA's reconstruction objective)."""
+    losses = [(pa - ta).abs().mean() + (pb - tb).abs().mean()
+              for m in pred for (pa, pb), (ta, tb) in [(pred[m], target[m])]]
+    return torch.stack(losses).mean()
