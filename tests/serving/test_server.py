@@ -57,8 +57,9 @@ def test_description_adapter_is_deterministic(client):
 
 
 def test_different_descriptions_change_outputs(client, base_model):
-    names = ["t2l:Answer only in capital letters.", "t2l:Talk like a pirate in every answer.",
-             "t2l:Answer in one very short sentence."]
+    names = ["t2l:Talk like a pirate in every answer.",
+             "t2l:Respond as a grumpy old sailor who hates everything.",
+             "t2l:You are a cheerful French chef who loves butter."]
     outs = [text(chat(client, n, max_tokens=32)) for n in names]
     base = text(chat(client, base_model, max_tokens=32))
     assert len(set(outs)) == len(outs), outs

@@ -27,7 +27,7 @@ from vllm_t2l.train.student import Student
 class EvalConfig:
     checkpoint: str
     out: str = "benchmarks/results/quality"
-    teacher_cache: str = ""  # where held-out teacher answers are cached (default: <out>/teacher-heldout.pt)
+    work: str = "runs/eval"  # scratch: held-out teacher answers, generated adapter folders
     multitask: str = ""  # PEFT folder of the description-blind LoRA
     oracles: str = ""  # folder of per-prompt PEFT folders, named by prompt id
     queries_per_prompt: int = 6
@@ -82,7 +82,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     gen = Generator.load(cfg.checkpoint)
     model_dir = prepare_default_model()
     student = Student(model_dir, gen.checkpoint.config.target_modules)
-    cache = Path(cfg.teacher_cache) if cfg.teacher_cache else out / "teacher-heldout.pt"
+    work = Path(cfg.work)
+    cache = work / "teacher-heldout.pt"
     if cache.exists():
         samples = teacher.load(cache)
     else:
@@ -94,7 +95,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     folders = {}
     for i, (d, lora) in enumerate(generated.items()):
-        folders[d] = str(lora.save_peft(out / "adapters" / f"generated-{i:03d}", model_dir.name))
+        folders[d] = str(lora.save_peft(work / "adapters" / f"generated-{i:03d}", model_dir.name))
     setups = {"base (no prompt)": (lambda s: None, lambda s: None),
               "generated adapter": (lambda s: generated[s.description], lambda s: folders[s.description])}
     if cfg.multitask:
