@@ -10,7 +10,7 @@ import torch
 from conftest import TINY_CONFIG
 
 from vllm_t2l.hypernet import BaseShapes
-from vllm_t2l.lora import CONFIG_FILE, WEIGHTS_FILE, LoRAWeights, from_batch
+from vllm_t2l.lora import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE, LoRAWeights, from_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -99,9 +99,9 @@ def test_adapter_config_fields(tmp_path):
     assert cfg["target_modules"] == ["q_proj", "v_proj"]
     assert cfg["lora_dropout"] == 0.0 and cfg["bias"] == "none"
     assert cfg["fan_in_fan_out"] is False
-    assert cfg["vllm_t2l"] == {"checkpoint": "abc", "mode": "emb"}
-    cfg2 = json.loads((rand_lora(0).save_peft(tmp_path / "b", "m") / CONFIG_FILE).read_text())
-    assert "vllm_t2l" not in cfg2
+    assert "vllm_t2l" not in cfg  # peft warns about unknown keys; metadata lives in a sidecar
+    assert json.loads((folder / METADATA_FILE).read_text()) == {"checkpoint": "abc", "mode": "emb"}
+    assert not (rand_lora(0).save_peft(tmp_path / "b", "m") / METADATA_FILE).exists()
 
 
 def test_from_batch_slices():

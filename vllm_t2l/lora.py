@@ -16,6 +16,7 @@ from vllm_t2l.hypernet import MODULE_PARENT
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
+METADATA_FILE = "vllm_t2l.json"  # descriptions, weights, checkpoint id
 
 
 @dataclass
@@ -90,9 +91,9 @@ class LoRAWeights:
             "target_modules": sorted(self.A), "lora_dropout": 0.0, "bias": "none",
             "fan_in_fan_out": False, "inference_mode": True,
         }
-        if metadata:
-            config["vllm_t2l"] = metadata
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        if metadata:  # a sidecar: peft warns about unknown keys in adapter_config.json
+            (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
         return folder
 
     @classmethod

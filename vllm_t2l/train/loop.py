@@ -24,7 +24,7 @@ from tqdm import tqdm
 from vllm_t2l.checkpoint import Checkpoint
 from vllm_t2l.embed import Embedder, EmbedderConfig
 from vllm_t2l.hypernet import BaseShapes, HyperConfig, HyperNet, LoRABatch
-from vllm_t2l.lora import LoRAWeights
+from vllm_t2l.lora import METADATA_FILE, LoRAWeights
 from vllm_t2l.train import data, objectives, teacher
 from vllm_t2l.train.student import Student
 
@@ -115,11 +115,12 @@ def _examples(cfg: TrainConfig, student: Student, base_dir: Path, out: Path) -> 
 def _recon_library(folder: Path) -> list[tuple[str, LoRAWeights]]:
     items = []
     for sub in sorted(p for p in folder.iterdir() if (p / "adapter_config.json").exists()):
-        meta = json.loads((sub / "adapter_config.json").read_text()).get("vllm_t2l", {})
+        meta_file = sub / METADATA_FILE
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
         desc_file = sub / "description.txt"
         desc = desc_file.read_text().strip() if desc_file.exists() else " ".join(meta.get("descriptions", []))
         if not desc:
-            raise ValueError(f"{sub} has no description.txt and no vllm_t2l.descriptions in adapter_config.json")
+            raise ValueError(f"{sub} has no description.txt and no descriptions in {METADATA_FILE}")
         items.append((desc, LoRAWeights.load_peft(sub)))
     if not items:
         raise ValueError(f"{folder} holds no PEFT adapter folders")
