@@ -176,3 +176,11 @@ def test_exported_adapter_matches_peft(server, client, tmp_path):
         logp = torch.log_softmax(model(ids).logits[0, prompt.shape[1] - 1:-1].float(), -1)
     ours = [logp[i, a].item() for i, a in enumerate(answer)]
     assert ours == pytest.approx([t.logprob for t in served], abs=5e-3)
+
+
+def test_mix_with_weights_one_zero_equals_first_description(client):
+    first, second = "Talk like a pirate in every answer.", "Answer in one very short sentence."
+    alone = token_logprobs(chat(client, "t2l:" + first, max_tokens=12, logprobs=True))
+    mixed = token_logprobs(chat(client, f"t2l-mix:1*{first}||0*{second}", max_tokens=12, logprobs=True))
+    assert mixed == pytest.approx(alone, abs=1e-4)
+
