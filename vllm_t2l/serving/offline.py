@@ -37,7 +37,7 @@ def answer(model_dir: str | Path, conversations: list[list[dict]], max_tokens: i
         lora = {"enable_lora": True, "max_loras": 4, "max_cpu_loras": 64,
                 "max_lora_rank": next(r for r in (8, 16, 32, 64, 128, 256) if r >= max(ranks))}
     llm = LLM(model=str(model_dir), dtype="float32", max_model_len=2048, max_logprobs=top_k + 1,
-              enable_prefix_caching=True, seed=0, **lora)
+              enable_prefix_caching=True, enforce_eager=True, seed=0, **lora)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=top_k)
     ids_of: dict[str, int] = {}
     requests = [LoRARequest(a, ids_of.setdefault(a, len(ids_of) + 1), a) if a else None
