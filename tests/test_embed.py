@@ -75,3 +75,9 @@ def test_config_to_dict():
     c = EmbedderConfig("x", 10, pooling="cls", scale_sqrt_dim=False, max_tokens=7)
     assert c.to_dict() == {"name": "x", "dim": 10, "pooling": "cls", "scale_sqrt_dim": False, "max_tokens": 7}
     assert EmbedderConfig(**c.to_dict()) == c
+
+
+def test_describe_records_the_model_it_loads(minilm):
+    described = Embedder.describe(str(default_embedder_path()), DEFAULT_EMBEDDER_NAME)
+    assert described.config == EmbedderConfig(name=DEFAULT_EMBEDDER_NAME, dim=384, pooling="mean")
+    torch.testing.assert_close(described(TEXTS), minilm(TEXTS))

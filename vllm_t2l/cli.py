@@ -12,9 +12,9 @@ from pathlib import Path
 log = logging.getLogger("vllm_t2l")
 
 # Flags `serve` adds unless the user gives them; later flags win in vLLM's parser.
-SERVE_DEFAULTS = ["--enable-lora", "--max-lora-rank", "16", "--max-loras", "4",
-                  "--max-cpu-loras", "32", "--host", "127.0.0.1", "--max-model-len", "2048"]
-CPU_DEFAULTS = ["--dtype", "float32"]
+SERVE_DEFAULTS = [("--enable-lora", None), ("--max-lora-rank", "16"), ("--max-loras", "4"),
+                  ("--max-cpu-loras", "32"), ("--host", "127.0.0.1"), ("--max-model-len", "2048")]
+CPU_DEFAULTS = [("--dtype", "float32")]
 
 
 def _flag_given(args: list[str], flag: str) -> bool:
@@ -31,17 +31,12 @@ def serve_command(vllm_args: list[str], checkpoint: str | None, catalog: str | N
     args = list(vllm_args)
     if not _flag_given(args, "--model") and not (args and not args[0].startswith("-")):
         args = ["--model", str(prepare_default_model())] + args
-    defaults = SERVE_DEFAULTS + ([] if torch.cuda.is_available() else CPU_DEFAULTS)
-    extra: list[str] = []
-    i = 0
-    while i < len(defaults):
-        flag = defaults[i]
-        takes_value = i + 1 < len(defaults) and not defaults[i + 1].startswith("--")
-        if not _flag_given(args, flag):
-            extra += defaults[i:i + 1 + takes_value]
-        i += 1 + takes_value
+    on_gpu = torch.cuda.is_available()
+    defaults = SERVE_DEFAULTS + ([] if on_gpu else CPU_DEFAULTS)
+    extra = [part for flag, value in defaults if not _flag_given(args, flag)
+             for part in (flag, value) if part is not None]
     env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="1")
-    if not torch.cuda.is_available():
+    if not on_gpu:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     for key, value in (("CHECKPOINT", checkpoint), ("CATALOG", catalog), ("CACHE_DIR", cache_dir)):
         if value:

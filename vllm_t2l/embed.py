@@ -31,21 +31,34 @@ class Embedder:
 
         self.config = config
         self.model = SentenceTransformer(path, device=device, local_files_only=True)
-        pooling = [m.get_config_dict().get("pooling_mode") for m in self.model
-                   if type(m).__name__ == "Pooling"]
-        if pooling and pooling[0] != config.pooling:
-            raise ValueError(f"embedder {path} pools by {pooling[0]!r}; "
-                             f"the checkpoint expects {config.pooling!r}")
-        self.model.max_seq_length = config.max_tokens
-        got = self.model.get_embedding_dimension()
+        pooling, got = _pooling(self.model), self.model.get_embedding_dimension()
+        if pooling and pooling != config.pooling:
+            raise ValueError(f"embedder {path} pools by {pooling!r}; the checkpoint expects {config.pooling!r}")
         if got != config.dim:
             raise ValueError(f"embedder {path} gives {got}-d vectors; the checkpoint expects {config.dim}")
+        self.model.max_seq_length = config.max_tokens
+
+    @classmethod
+    def describe(cls, path: str, name: str, device: str = "cpu") -> Embedder:
+        """Load a new embedder and record what it is (for a checkpoint about to be trained)."""
+        self = cls.__new__(cls)
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(path, device=device, local_files_only=True)
+        self.config = EmbedderConfig(name=name, dim=self.model.get_embedding_dimension(),
+                                     pooling=_pooling(self.model) or "mean")
+        self.model.max_seq_length = self.config.max_tokens
+        return self
 
     @torch.no_grad()
     def __call__(self, texts: list[str]) -> Tensor:
         emb = self.model.encode(texts, convert_to_tensor=True, normalize_embeddings=False,
                                 batch_size=max(1, len(texts)), show_progress_bar=False).float()
         return scale(emb, self.config.scale_sqrt_dim)
+
+
+def _pooling(model) -> str | None:
+    return next((m.get_config_dict().get("pooling_mode") for m in model if type(m).__name__ == "Pooling"), None)
 
 
 def scale(emb: Tensor, sqrt_dim: bool) -> Tensor:

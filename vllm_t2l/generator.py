@@ -61,14 +61,14 @@ class Generator:
         if self.zhyper:
             codes = net.codes(x)
             for spec, idx in zip(specs, slices):
-                weights = [1.0] if spec.mode == "emb" else spec.weights
+                weights = _row_weights(spec)
                 mixed = {m: sum(w * z[i:i + 1] for w, i in zip(weights, idx)) for m, z in codes.items()}
                 out.append(from_batch(net.from_codes(mixed), 0, c.alpha, c.use_rslora))
             return out
         batch = net(x)
         for spec, idx in zip(specs, slices):
             parts = [from_batch(batch, i, c.alpha, c.use_rslora) for i in idx]
-            weights = [1.0] if spec.mode == "emb" else spec.weights
+            weights = _row_weights(spec)
             if len(parts) == 1 and weights == [1.0]:
                 out.append(parts[0])
             else:
@@ -77,6 +77,11 @@ class Generator:
 
     def generate_one(self, spec: AdapterSpec) -> LoRAWeights:
         return self.generate([spec])[0]
+
+
+def _row_weights(spec: AdapterSpec) -> list[float]:
+    """Weights of a spec's hypernetwork rows: an emb-mode mix is already one mixed row."""
+    return [1.0] if spec.mode == "emb" else spec.weights
 
 
 def _local_embedder(name: str) -> Path:

@@ -113,13 +113,14 @@ def _spec(raw_terms: list[tuple[str, str]], mode: Mode, catalog: Mapping[str, st
         raise AdapterNameError(f"mix has {len(raw_terms)} terms; the limit is {limits.max_terms}")
     terms = []
     for i, (weight_text, text) in enumerate(raw_terms, 1):
+        weight_text = weight_text.strip()
         try:
-            weight = float(str(weight_text).strip())
+            weight = float(weight_text)
         except ValueError:
             raise AdapterNameError(
-                f"mix term {i}: weight {weight_text.strip()!r} is not a number") from None
+                f"mix term {i}: weight {weight_text!r} is not a number") from None
         if not math.isfinite(weight):
-            raise AdapterNameError(f"mix term {i}: weight must be finite, got {weight_text.strip()}")
+            raise AdapterNameError(f"mix term {i}: weight must be finite, got {weight_text}")
         if abs(weight) > limits.max_abs_weight:
             bound = limits.max_abs_weight
             raise AdapterNameError(f"mix term {i}: weight {weight} is outside [-{bound}, {bound}]")

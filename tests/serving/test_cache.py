@@ -106,10 +106,15 @@ def test_failing_create(tmp_path):
     assert not hit and len(good.calls) == 1 and (path / READY).exists()
 
 
-def test_lru_eviction_by_count(tmp_path):
+def recording_cache(root, **limits) -> tuple[AdapterCache, list[tuple[str, set[str]]]]:
+    """A cache whose evictions are recorded as (key, registered names)."""
     evicted: list[tuple[str, set[str]]] = []
-    cache = AdapterCache(tmp_path, CacheLimits(max_adapters=2, grace_s=0),
-                         on_evict=lambda k, names: evicted.append((k, set(names))))
+    cache = AdapterCache(root, CacheLimits(**limits), on_evict=lambda k, names: evicted.append((k, set(names))))
+    return cache, evicted
+
+
+def test_lru_eviction_by_count(tmp_path):
+    cache, evicted = recording_cache(tmp_path, max_adapters=2, grace_s=0)
     make = Maker()
 
     async def main():
@@ -143,10 +148,8 @@ def test_eviction_without_names_does_not_call_back(tmp_path):
 
 
 def test_lru_eviction_by_bytes(tmp_path):
-    evicted = []
     size = 1000 + len(json.dumps({"r": 8}))
-    cache = AdapterCache(tmp_path, CacheLimits(max_adapters=100, max_bytes=2 * size + 10, grace_s=0),
-                         on_evict=lambda k, names: evicted.append((k, set(names))))
+    cache, evicted = recording_cache(tmp_path, max_adapters=100, max_bytes=2 * size + 10, grace_s=0)
 
     async def main():
         for k in (K1, K2, K3):
@@ -172,9 +175,7 @@ def test_entry_bigger_than_budget_is_kept(tmp_path):
 
 
 def test_grace_period_keeps_files_and_revives(tmp_path):
-    evicted = []
-    cache = AdapterCache(tmp_path, CacheLimits(max_adapters=1, grace_s=3600),
-                         on_evict=lambda k, names: evicted.append((k, set(names))))
+    cache, evicted = recording_cache(tmp_path, max_adapters=1, grace_s=3600)
     make = Maker()
 
     async def main():

@@ -53,6 +53,7 @@ class AdapterCache:
         self.entries: OrderedDict[str, Entry] = OrderedDict()
         self.retired: dict[str, tuple[Entry, float]] = {}
         self._inflight: dict[str, asyncio.Future[None]] = {}
+        self.nbytes = 0  # bytes of the entries (retired ones not counted)
         self.root.mkdir(parents=True, exist_ok=True)
         self._scan()
 
@@ -65,12 +66,17 @@ class AdapterCache:
             elif p.is_dir() and KEY.fullmatch(p.name) and (p / READY).exists():
                 found.append((p.stat().st_mtime, p))
         for _, p in sorted(found):
-            self.entries[p.name] = Entry(p, _size(p))
+            self._add(p.name, Entry(p, _size(p)))
         self._evict(keep=None)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(e.nbytes for e in self.entries.values())
+    def _add(self, key: str, entry: Entry) -> None:
+        self.entries[key] = entry
+        self.nbytes += entry.nbytes
+
+    def _pop(self, key: str) -> Entry:
+        entry = self.entries.pop(key)
+        self.nbytes -= entry.nbytes
+        return entry
 
     def path(self, key: str) -> Path:
         if not KEY.fullmatch(key):
@@ -85,7 +91,7 @@ class AdapterCache:
             self.entries.move_to_end(key)
             return path, True
         if key in self.retired:
-            self.entries[key] = self.retired.pop(key)[0]
+            self._add(key, self.retired.pop(key)[0])
             return path, True
         first = key not in self._inflight
         if first:  # its own task: a caller that disconnects cancels its wait, not the creation
@@ -98,7 +104,7 @@ class AdapterCache:
     async def _fill(self, key: str, path: Path, create: Callable[[Path], Awaitable[None]]) -> None:
         try:
             await self._create(path, create)
-            self.entries[key] = Entry(path, _size(path))
+            self._add(key, Entry(path, _size(path)))
         finally:
             del self._inflight[key]
         self._evict(keep=key)
@@ -124,7 +130,7 @@ class AdapterCache:
             key = next(iter(self.entries))
             if key == keep:
                 break
-            entry = self.entries.pop(key)
+            entry = self._pop(key)
             if self.on_evict and entry.names:
                 self.on_evict(key, entry.names)
             entry.names = set()

@@ -39,9 +39,10 @@ def answer(model_dir: str | Path, conversations: list[list[dict]], max_tokens: i
     llm = LLM(model=str(model_dir), dtype="float32", max_model_len=2048, max_logprobs=top_k + 1,
               enable_prefix_caching=True, enforce_eager=True, seed=0, **lora)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=top_k)
-    ids_of: dict[str, int] = {}
-    requests = [LoRARequest(a, ids_of.setdefault(a, len(ids_of) + 1), a) if a else None
-                for a in (adapters or [None] * len(conversations))] if lora else None
+    requests = None
+    if lora:
+        ids_of: dict[str, int] = {}  # one LoRA id per distinct folder
+        requests = [LoRARequest(a, ids_of.setdefault(a, len(ids_of) + 1), a) if a else None for a in adapters]
     outputs = llm.chat(conversations, params, use_tqdm=True, lora_request=requests)
     result = []
     for out in outputs:

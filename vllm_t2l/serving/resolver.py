@@ -170,11 +170,13 @@ class T2LResolver(LoRAResolver):
                 await asyncio.to_thread(self._write, [(s, f) for s, f, _ in batch])
             except Exception as e:
                 for *_, fut in batch:
-                    fut.done() or fut.set_exception(e)
+                    if not fut.done():
+                        fut.set_exception(e)
                 continue
             metrics.GENERATION_SECONDS.observe(time.perf_counter() - start)
             for *_, fut in batch:
-                fut.done() or fut.set_result(None)
+                if not fut.done():
+                    fut.set_result(None)
 
     def _write(self, jobs: list[tuple[AdapterSpec, Path]]) -> None:
         adapters = self.generator.generate([spec for spec, _ in jobs])

@@ -62,7 +62,10 @@ def kl_per_sample(student: Student, samples: list[teacher.Sample], adapter_of, c
     for start in tqdm(range(0, len(samples), cfg.batch_size), desc=f"KL {name}", unit="batch"):
         chunk = samples[start:start + cfg.batch_size]
         loras = [adapter_of(s) for s in chunk]
-        student.set_adapters(*_as_batch(loras)) if loras[0] is not None else student.set_adapters(None)
+        if loras[0] is None:
+            student.set_adapters(None)
+        else:
+            student.set_adapters(*_as_batch(loras))
         batch = student.make_batch([s.student_prompt for s in chunk], [s.response for s in chunk])
         per_token = objectives.distill_kl(student.logits(batch), torch.cat([s.top_ids for s in chunk]),
                                           torch.cat([s.top_logp for s in chunk]))

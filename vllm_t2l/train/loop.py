@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from vllm_t2l.checkpoint import Checkpoint
-from vllm_t2l.embed import Embedder, EmbedderConfig
+from vllm_t2l.embed import Embedder
 from vllm_t2l.hypernet import BaseShapes, HyperConfig, HyperNet, LoRABatch
 from vllm_t2l.lora import METADATA_FILE, LoRAWeights
 from vllm_t2l.train import data, objectives, teacher
@@ -141,16 +141,8 @@ def train(cfg: TrainConfig) -> Path:
 
     base_dir = Path(cfg.base_model) if cfg.base_model else prepare_default_model()
     embedder_path = cfg.embedder or str(default_embedder_path())
-    emb_cfg = EmbedderConfig(name=cfg.embedder_name or (DEFAULT_EMBEDDER_NAME if not cfg.embedder else cfg.embedder),
-                             dim=0)
-    from sentence_transformers import SentenceTransformer  # only to read the dimension and pooling
-
-    probe = SentenceTransformer(embedder_path, device="cpu", local_files_only=True)
-    emb_cfg.dim = probe.get_embedding_dimension()
-    emb_cfg.pooling = next((m.get_config_dict()["pooling_mode"] for m in probe if type(m).__name__ == "Pooling"),
-                           "mean")
-    del probe
-    embedder = Embedder(emb_cfg, embedder_path)
+    embedder = Embedder.describe(embedder_path, cfg.embedder_name or cfg.embedder or DEFAULT_EMBEDDER_NAME)
+    emb_cfg = embedder.config
 
     hyper_arch = "t2l-L" if cfg.arch == "lora" else cfg.arch
     hcfg = HyperConfig(arch=hyper_arch, emb_dim=emb_cfg.dim, latent=cfg.latent, head_in=cfg.head_in,

@@ -82,7 +82,7 @@ class Student:
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": query}]
         out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
 
     def make_batch(self, prompts: list[list[int]], responses: list[list[int]]) -> Batch:
         seqs = [p + r for p, r in zip(prompts, responses)]
