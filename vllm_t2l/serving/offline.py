@@ -1,6 +1,7 @@
 """Batch answers from vLLM's offline engine: teacher answers for training, references for benchmarks.
 
-HF ``generate`` on two CPU cores is two orders of magnitude slower than vLLM's engine for this.
+Measured here on two shared CPU cores: HF ``generate`` took 221 s per 32 teacher answers, vLLM's engine
+about 7 s (2460 answers in 9 min 20 s).
 Callers run under ``if __name__ == "__main__"`` (vLLM spawns its engine process).
 """
 
