@@ -79,7 +79,8 @@ def _fingerprint(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def load(folder: str | Path, device: str = "cpu") -> Checkpoint:
+def read_config(folder: str | Path) -> tuple[dict, HyperConfig, BaseShapes, EmbedderConfig]:
+    """The checkpoint's metadata, checked, without loading its weights."""
     folder = Path(folder)
     if (folder / "hypermod.pt").exists():
         raise CheckpointError(f"{folder} is a published Text-to-LoRA folder: import it with "
@@ -101,6 +102,12 @@ def load(folder: str | Path, device: str = "cpu") -> Checkpoint:
         embedder = EmbedderConfig(**meta["embedder"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{folder / CONFIG} is incomplete or invalid: {e}") from None
+    return meta, config, shapes, embedder
+
+
+def load(folder: str | Path, device: str = "cpu") -> Checkpoint:
+    folder = Path(folder)
+    meta, config, shapes, embedder = read_config(folder)
     try:
         state = load_file(folder / WEIGHTS)
     except (FileNotFoundError, SafetensorError, OSError) as e:

@@ -21,6 +21,16 @@ def _flag_given(args: list[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
+def _target_modules(checkpoint: str | None) -> list[str]:
+    """The checkpoint's target modules: vLLM then wraps only those layers, not every linear layer,
+    which spares the LoRA ops of the untargeted ones (most of the LoRA cost on CPU)."""
+    from vllm_t2l.checkpoint import read_config
+    from vllm_t2l.models import DEFAULT_CHECKPOINT
+
+    folder = checkpoint or os.environ.get("VLLM_T2L_CHECKPOINT") or DEFAULT_CHECKPOINT
+    return list(read_config(folder)[1].target_modules)
+
+
 def serve_command(vllm_args: list[str], checkpoint: str | None, catalog: str | None,
                   cache_dir: str | None) -> tuple[list[str], dict[str, str]]:
     """The argv and environment that start vLLM's OpenAI server with the plugin ready."""
@@ -35,6 +45,8 @@ def serve_command(vllm_args: list[str], checkpoint: str | None, catalog: str | N
     defaults = SERVE_DEFAULTS + ([] if on_gpu else CPU_DEFAULTS)
     extra = [part for flag, value in defaults if not _flag_given(args, flag)
              for part in (flag, value) if part is not None]
+    if not _flag_given(args, "--lora-target-modules"):
+        extra += ["--lora-target-modules", *_target_modules(checkpoint)]
     env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="1")
     if not on_gpu:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -45,7 +57,12 @@ def serve_command(vllm_args: list[str], checkpoint: str | None, catalog: str | N
 
 
 def cmd_serve(ns: argparse.Namespace, rest: list[str]) -> None:
-    argv, env = serve_command(rest, ns.checkpoint, ns.catalog, ns.cache_dir)
+    from vllm_t2l.checkpoint import CheckpointError
+
+    try:
+        argv, env = serve_command(rest, ns.checkpoint, ns.catalog, ns.cache_dir)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
     log.info("starting: %s", " ".join(argv))
     os.execve(sys.executable, argv, env)
 

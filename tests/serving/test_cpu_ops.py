@@ -47,6 +47,13 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, params=["dense", "grouped"])
+def path(request, monkeypatch):
+    """Every op test runs on both paths: one product over all slots, and one per slot."""
+    monkeypatch.setattr(cpu_ops, "_use_dense", lambda plan, slots: request.param == "dense")
+    return request.param
+
+
 def _weights(out: int, inp: int, dtype, four_d=True) -> torch.Tensor:
     w = torch.randn(SLOTS, 1, out, inp) / inp**0.5
     return (w if four_d else w[:, 0]).to(dtype)
@@ -235,6 +242,34 @@ def test_upstream_shrink_gives_no_adapter_rows_a_value():
     cpu_ops.bgmv_shrink(x, w, grouped, torch.tensor(mapping), 1.0)
     assert upstream[1, :RANK].abs().max() > 0.1
     assert grouped[1, :RANK].abs().max() == 0
+
+
+# --- skipping untargeted modules, and the memo --------------------------------------------------
+
+
+def test_all_zero_weights_are_skipped_and_a_later_load_is_seen():
+    """A module no adapter targets has all-zero weights: shrink writes zeros, expand adds nothing.
+    Loading an adapter in place (as vLLM does) must invalidate what was memoised."""
+    mapping = [0, 1, -1, 3, 2]
+    x, w, y = _shrink_inputs(mapping, torch.float32)
+    zero = torch.zeros_like(w)
+    got = y.clone()
+    _call("bgmv_shrink", cpu_ops.GROUPED_OPS, mapping, x, zero, got, 1.0)
+    assert got[:, :RANK].abs().max() == 0 and (got[:, RANK:] == 7.0).all()
+    zero[1, 0].copy_(w[1, 0])  # vLLM's set_lora: in place, one slot
+    _call("bgmv_shrink", cpu_ops.GROUPED_OPS, mapping, x, zero, got, 1.0)
+    want = _dense(x, zero, mapping, y, slice(0, RANK), add=False, zero_none=True)
+    torch.testing.assert_close(got.double(), want, **TOL[torch.float32])
+    assert got[1, :RANK].abs().max() > 0
+
+    xe, we, ye = _expand_inputs(mapping, torch.float32)
+    zero_b, got = torch.zeros_like(we), ye.clone()
+    _call("bgmv_expand", cpu_ops.GROUPED_OPS, mapping, xe, zero_b, got, True)
+    torch.testing.assert_close(got, ye, rtol=0, atol=0)
+    zero_b[3] = we[3]  # vLLM's reset/set by item assignment
+    _call("bgmv_expand", cpu_ops.GROUPED_OPS, mapping, xe, zero_b, got, True)
+    torch.testing.assert_close(got.double(), _dense(xe, zero_b, mapping, ye, slice(0, OUT)),
+                               **TOL[torch.float32])
 
 
 # --- install() --------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import os
 import re
 import sys
 import types
+from dataclasses import dataclass
 
 import torch
 
@@ -54,34 +55,113 @@ PATCH_MODULES = (
 _originals: dict[str, object] = {}  # op name -> vLLM's function, filled by install()
 
 
-def _grouped_matmul(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
-                    dtype: torch.dtype):
-    """``x[t] @ weights[indices[t]].T`` in ``dtype`` for every token with an adapter (slot >= 0),
-    one matmul per slot present.
+def _cached(weights: torch.Tensor, key: str, make):
+    """``make()``, memoised on the stacked weight tensor until vLLM writes into it.
 
-    Tokens are stably sorted by slot so each slot's tokens form one contiguous block (a single
-    gather, then views). Returns ``(rows, y)``: ``y[i]`` is the result for token ``rows[i]``.
-    ``rows`` is ``slice(None)`` when one slot covers the batch (no gather/scatter needed; a single
-    row then broadcasts like vLLM's ops), and ``(None, None)`` means no token has an adapter.
+    vLLM loads adapters in place (``stacked[slot].copy_(...)``), which bumps the tensor's version
+    counter, so (version, key) identifies the contents. Tensors without a counter (inference-mode
+    tensors) are not cached.
     """
-    if indices.numel() == 0:
-        return None, None
+    try:
+        version = weights._version
+    except RuntimeError:
+        return make()
+    memo = getattr(weights, "_vllm_t2l_memo", None)
+    if memo is None or memo[0] != version:
+        memo = (version, {})
+        weights._vllm_t2l_memo = memo
+    if key not in memo[1]:
+        memo[1][key] = make()
+    return memo[1][key]
+
+
+def _all_zero(weights: torch.Tensor) -> bool:
+    """Whether no slot holds a nonzero weight: true for a module the adapters do not target (the
+    k slice of a fused qkv layer when adapters target q and v), whose ops can then be skipped."""
+    return _cached(weights, "zero", lambda: not bool(weights.any()))
+
+
+@dataclass
+class _Plan:
+    """How one batch's tokens map to slots; every op of every layer in a step shares it."""
+
+    indices: torch.Tensor  # a private copy, to recognise the same batch
+    order: torch.Tensor  # tokens with an adapter, stably sorted by slot
+    slots: list[int]  # slots present, ascending, and their token counts
+    counts: list[int]
+    safe: torch.Tensor  # slot per token with -1 as 0, and a [tokens, 1] mask of the -1 rows
+    none: torch.Tensor
+    rows: torch.Tensor  # arange(tokens)
+
+
+_last_plan: list[_Plan] = []
+
+
+def _plan(indices: torch.Tensor) -> _Plan:
+    """The batch's plan, computed once per distinct index tensor content (once per model step:
+    vLLM passes the same indices to all layers)."""
+    if _last_plan and torch.equal(_last_plan[0].indices, indices):
+        return _last_plan[0]
     sorted_indices, order = torch.sort(indices, stable=True)
     slots, counts = torch.unique_consecutive(sorted_indices, return_counts=True)
     slots, counts = slots.tolist(), counts.tolist()
-    if slots[-1] < 0:
+    if slots and slots[0] < 0:  # -1 sorts first: drop those tokens
+        order, slots, counts = order[counts[0] :], slots[1:], counts[1:]
+    plan = _Plan(indices.clone(), order, slots, counts, indices.clamp(min=0), (indices < 0).unsqueeze(1),
+                 torch.arange(indices.numel()))
+    _last_plan[:] = [plan]
+    return plan
+
+
+def _use_dense(plan: _Plan, slots_total: int) -> bool:
+    """Decode batches where nearly every token has its own adapter: one product over all slots
+    beats a product per slot (see benchmarks/results/cpu_lora_ops.md); otherwise group."""
+    tokens = plan.indices.numel()
+    return len(plan.slots) * DENSE_RATIO >= tokens and tokens * slots_total <= DENSE_MAX
+
+
+# Dense when (slots present) * DENSE_RATIO >= tokens and tokens * (all slots) <= DENSE_MAX.
+DENSE_RATIO = 2
+DENSE_MAX = 1024
+
+
+def _dense_matmul(x: torch.Tensor, w_flat: torch.Tensor, plan: _Plan, slots: int, shrink: bool) -> torch.Tensor:
+    """One product over every slot instead of one per slot; -1 rows get zeros.
+
+    Shrink: ``w_flat = A.view(slots * r, in).T`` gives every slot's result for every token, and
+    each token keeps its slot's block. Expand: each token's input is scattered into its slot's
+    block of an otherwise zero row, so ``w_flat = B`` laid out as ``[slots * r, out]`` adds only
+    that slot's product (the other blocks contribute exact zeros).
+    """
+    tokens = plan.rows.numel()
+    if shrink:
+        y = (x @ w_flat).view(tokens, slots, -1)[plan.rows, plan.safe]
+    else:
+        z = x.new_zeros(tokens, slots, x.shape[1])
+        z[plan.rows, plan.safe] = x
+        y = z.view(tokens, -1) @ w_flat
+    return y.masked_fill_(plan.none, 0)
+
+
+def _grouped_matmul(x: torch.Tensor, weights: torch.Tensor, plan: _Plan, dtype: torch.dtype):
+    """``x[t] @ weights[slot(t)].T`` in ``dtype`` for every token with an adapter, one matmul
+    per slot present, on the plan's slot-sorted token blocks.
+
+    Returns ``(rows, y)``: ``y[i]`` is the result for token ``rows[i]``. ``rows`` is
+    ``slice(None)`` when one slot covers the batch (no gather/scatter needed; a single row then
+    broadcasts like vLLM's ops), and ``(None, None)`` means no token has an adapter.
+    """
+    if not plan.slots:
         return None, None
     weights_t = weights.transpose(1, 2)
-    if len(slots) == 1:
-        return slice(None), x.to(dtype) @ weights_t[slots[0]].to(dtype)
-    if slots[0] < 0:  # -1 sorts first: drop those tokens
-        order, slots, counts = order[counts[0] :], slots[1:], counts[1:]
-    xs = x.index_select(0, order).to(dtype)
+    if len(plan.slots) == 1 and plan.order.numel() == plan.rows.numel():
+        return slice(None), x.to(dtype) @ weights_t[plan.slots[0]].to(dtype)
+    xs = x.index_select(0, plan.order).to(dtype)
     y = xs.new_empty(xs.shape[0], weights.shape[1])
-    for slot, x_block, y_block in zip(slots, xs.split(counts), y.split(counts)):
+    for slot, x_block, y_block in zip(plan.slots, xs.split(plan.counts), y.split(plan.counts)):
         w = weights_t[slot]
         torch.mm(x_block, w if w.dtype == dtype else w.to(dtype), out=y_block)
-    return order, y
+    return plan.order, y
 
 
 def _compute_dtype(out: torch.Tensor) -> torch.dtype:
@@ -95,9 +175,24 @@ def _stacked(weights: torch.Tensor) -> torch.Tensor:
     return weights.squeeze(1) if weights.dim() == 4 else weights
 
 
-def _expand(inputs, weights, out, indices, add_inputs):
-    """``out[t] (+)= inputs[t] @ weights[slot].T``; rows with slot -1 stay untouched."""
-    rows, y = _grouped_matmul(inputs, _stacked(weights), indices, _compute_dtype(out))
+def _expand(inputs, weights, out, indices, add_inputs, width=None):
+    """``out[t] (+)= inputs[t] @ weights[slot, :width].T``; rows with slot -1 stay untouched."""
+    if add_inputs and _all_zero(weights):
+        return
+    dtype = _compute_dtype(out)
+    stacked = _stacked(weights)[:, :width]
+    plan = _plan(indices)
+    if inputs.shape[0] == indices.numel() and _use_dense(plan, stacked.shape[0]):
+        slots, n_out, rank = stacked.shape
+        w_flat = _cached(weights, f"expand{width}{dtype}",
+                         lambda: stacked.transpose(1, 2).reshape(slots * rank, n_out).to(dtype))
+        y = _dense_matmul(inputs.to(dtype), w_flat, plan, slots, shrink=False)
+        if add_inputs:
+            out.add_(y)
+        else:
+            out.index_copy_(0, plan.order, y.index_select(0, plan.order).to(out.dtype))
+        return
+    rows, y = _grouped_matmul(inputs, stacked, plan, dtype)
     if rows is None:
         return
     if isinstance(rows, slice):
@@ -118,7 +213,17 @@ def bgmv_shrink(
     """``output[:, :r] = scaling * x @ A[slot].T`` per token; zeros for -1 tokens."""
     weights = _stacked(lora_b_weights)
     out = output_tensor[:, : weights.shape[1]]
-    rows, y = _grouped_matmul(inputs, weights, lora_indices_tensor, _compute_dtype(out))
+    if _all_zero(lora_b_weights):
+        out.zero_()
+        return
+    dtype = _compute_dtype(out)
+    plan = _plan(lora_indices_tensor)
+    if inputs.shape[0] == lora_indices_tensor.numel() and _use_dense(plan, weights.shape[0]):
+        slots, rank, n_in = weights.shape
+        w_flat = _cached(lora_b_weights, f"shrink{dtype}", lambda: weights.reshape(slots * rank, n_in).T.to(dtype))
+        out.copy_(_dense_matmul(inputs.to(dtype), w_flat, plan, slots, shrink=True).mul_(scaling))
+        return
+    rows, y = _grouped_matmul(inputs, weights, plan, dtype)
     if isinstance(rows, slice):
         out.copy_(y.mul_(scaling))
     else:
@@ -139,8 +244,8 @@ def bgmv_expand(
     n = output_tensor.shape[0]
     if inputs.shape[0] > n:  # vLLM keeps only the first n token rows
         inputs, lora_indices_tensor = inputs[:n], lora_indices_tensor[:n]
-    _expand(inputs, lora_b_weights[..., :common, :], output_tensor[:, :common],
-            lora_indices_tensor, add_inputs)
+    _expand(inputs, lora_b_weights, output_tensor[:, :common], lora_indices_tensor, add_inputs,
+            common)
 
 
 def bgmv_expand_slice(

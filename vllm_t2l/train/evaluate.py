@@ -30,6 +30,7 @@ class EvalConfig:
     work: str = "runs/eval"  # scratch: held-out teacher answers, generated adapter folders
     multitask: str = ""  # PEFT folder of the description-blind LoRA
     oracles: str = ""  # folder of per-prompt PEFT folders, named by prompt id
+    compare: tuple[str, ...] = ()  # more hypernetwork checkpoints, reported beside the main one
     queries_per_prompt: int = 6
     max_new_tokens: int = 32
     top_k: int = 16
@@ -93,14 +94,14 @@ def evaluate(cfg: EvalConfig) -> dict:
         samples = teacher.build(student, model_dir, heldout_triples(cfg), cfg.max_new_tokens, cfg.top_k)
         teacher.save(samples, cache)
     prompts = {p["id"]: p for p in data.load_prompts()}
-    descs = sorted({s.description for s in samples})
-    generated = dict(zip(descs, gen.generate([spec_from_parts([d]) for d in descs])))
-
-    folders = {}
-    for i, (d, lora) in enumerate(generated.items()):
-        folders[d] = str(lora.save_peft(work / "adapters" / f"generated-{i:03d}", model_dir.name))
-    setups = {"base (no prompt)": (lambda s: None, lambda s: None),
-              "generated adapter": (lambda s: generated[s.description], lambda s: folders[s.description])}
+    setups = {"base (no prompt)": (lambda s: None, lambda s: None)}
+    checkpoints = {}
+    for i, path in enumerate((cfg.checkpoint, *cfg.compare)):
+        g = gen if i == 0 else Generator.load(path)
+        info = _checkpoint_info(path, g)
+        name = "generated adapter" if i == 0 else f"generated adapter, {info['arch']} ({info['params'] / 1e6:.2f}M)"
+        setups[name] = _generated_setup(g, samples, work / "adapters" / f"checkpoint-{i}", model_dir.name)
+        checkpoints[name] = info
     if cfg.multitask:
         mt = LoRAWeights.load_peft(cfg.multitask)
         setups["multi-task LoRA"] = (lambda s: mt, lambda s: cfg.multitask)
@@ -144,11 +145,24 @@ def evaluate(cfg: EvalConfig) -> dict:
             v["gap_closed"] = 1 - v["kl"] / base_kl if base_kl > 0 else float("nan")
     saved = [len(student.prompt_ids(s.query, system=s.description)) - len(s.student_prompt) for s in samples]
     result["context_tokens_saved_per_request"] = sum(saved) / len(saved)
-    result["checkpoint"] = {"path": cfg.checkpoint, "id": gen.id, "arch": gen.checkpoint.config.arch,
-                            "params": sum(p.numel() for p in gen.checkpoint.hypernet.parameters())}
+    result["checkpoint"] = checkpoints["generated adapter"]
+    result["checkpoints"] = checkpoints
     (out / "quality.json").write_text(json.dumps(result, indent=2))
     write_report(result, out)
     return result
+
+
+def _checkpoint_info(path: str, gen: Generator) -> dict:
+    return {"path": path, "id": gen.id, "arch": gen.checkpoint.config.arch,
+            "params": sum(p.numel() for p in gen.checkpoint.hypernet.parameters())}
+
+
+def _generated_setup(gen: Generator, samples: list[teacher.Sample], folder: Path, base_name: str):
+    """(adapter of a sample, its PEFT folder) for one hypernetwork: one adapter per description."""
+    descs = sorted({s.description for s in samples})
+    generated = dict(zip(descs, gen.generate([spec_from_parts([d]) for d in descs])))
+    folders = {d: str(lora.save_peft(folder / f"{i:03d}", base_name)) for i, (d, lora) in enumerate(generated.items())}
+    return lambda s: generated[s.description], lambda s: folders[s.description]
 
 
 def write_report(result: dict, out: Path) -> None:
