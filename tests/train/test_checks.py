@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_t2l.train.checks import CHECKS, check
+from vllm_t2l.train.checks import CHECKS, MEASURES, check, formality, sentiment, upper_share, word_count, words
 
 CASES = [  # (spec, replies that comply, replies that do not)
     ({"type": "all_caps"},
@@ -84,3 +84,41 @@ def test_bad_spec_raises(spec: object, match: str) -> None:
         check(spec, "any reply")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=match):
         check(spec, "")  # type: ignore[arg-type]
+
+
+# ---- graded measures ----
+
+
+def test_words_and_word_count() -> None:
+    assert words("Don\u2019t panic, it's 42 o'clock!") == ["don't", "panic", "it's", "o'clock"]
+    assert word_count("  one two\nthree  ") == 3.0
+    assert word_count("") == 0.0
+
+
+def test_upper_share() -> None:
+    assert upper_share("ABC def") == 0.5
+    assert upper_share("SHOUTING, 42!") == 1.0
+    assert upper_share("quiet") == 0.0
+    assert upper_share("1234 !!!") == 0.0  # no letters: not a division by zero
+
+
+def test_formality_orders_registers() -> None:
+    formal = "Therefore, individuals shall ensure sufficient assistance is provided."
+    casual = "Yeah dude, it's totally cool, don't worry lol."
+    neutral = "The sun heats the air near the ground."
+    assert formality(formal) > formality(neutral) == 0.0 > formality(casual)
+    assert formality("Yeah yeah") == -100.0  # per 100 words
+    assert formality("I can't") == -50.0  # a contraction counts as informal
+
+
+def test_sentiment_orders_moods() -> None:
+    happy = "What a wonderful, amazing question! I love it."
+    gloomy = "Sadly, it is hopeless and everything will fail."
+    assert sentiment(happy) > sentiment("The box is red.") == 0.0 > sentiment(gloomy)
+    assert sentiment("Great but awful.") == 0.0  # one of each cancels
+
+
+def test_measures_are_zero_for_blank_replies() -> None:
+    for name, fn in MEASURES.items():
+        assert fn("") == fn("  \n") == 0.0, name
+        assert fn("!!! 42") == (2.0 if name == "words" else 0.0), name

@@ -109,3 +109,79 @@ def check(spec: dict, reply: str) -> bool:
         raise ValueError(f"unknown check type {spec['type']!r}; expected one of {sorted(CHECKS)}")
     result = fn(spec, reply)  # evaluated first so a bad spec raises even for a blank reply
     return result and bool(reply.strip())
+
+
+# ---- graded measures -------------------------------------------------------------------------
+# Where a check says yes or no, a measure gives a number, so a dial between two behaviours can be scored
+# (benchmarks/control.py). The lexicons are small on purpose: they score clear markers, not nuance.
+
+_WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
+_CONTRACTION = re.compile(r"[a-z]+(?:n't|'re|'m|'ll|'ve|'d)$")
+
+FORMAL_WORDS = frozenset("""
+therefore thus hence however furthermore moreover additionally consequently accordingly nevertheless
+nonetheless whereas regarding concerning respectively approximately subsequently indeed shall
+utilize facilitate demonstrate constitute comprise obtain ensure require sufficient significant
+individuals assistance inquiry regards sincerely kindly esteemed certainly primarily
+""".split())
+INFORMAL_WORDS = frozenset("""
+yeah yep nope hey hi ok okay cool awesome dude bro guys gonna wanna gotta kinda sorta stuff
+lol omg btw ngl tbh totally super basically pretty literally chill vibe vibes y'all ya
+""".split())
+POSITIVE_WORDS = frozenset("""
+good great wonderful amazing fantastic awesome excellent happy happiness joy joyful love lovely
+beautiful bright brilliant delightful delight fun glad hope hopeful best enjoy exciting excited
+cheerful fascinating incredible thrilled perfect smile success successful positive wow yay
+marvelous sunny optimistic celebrate enthusiastic
+""".split())
+NEGATIVE_WORDS = frozenset("""
+bad sad sadly gloomy gloom terrible awful worst worse fail fails failure hopeless pointless
+doom doomed grim bleak sorrow pain painful suffer suffering despair miserable misery fear afraid
+worry tragic tragedy broken lonely regret unfortunately decay dread dreary futile loss
+pessimistic melancholy cruel
+""".split())
+
+
+def words(reply: str) -> list[str]:
+    """Lowercased words, keeping an inner apostrophe ("don't"); digits and punctuation dropped."""
+    return _WORD.findall(reply.lower().replace("\u2019", "'"))
+
+
+def word_count(reply: str) -> float:
+    """Whitespace-separated words, as max_words and min_words count them."""
+    return float(len(reply.split()))
+
+
+def upper_share(reply: str) -> float:
+    """Share of capital letters among all letters; 0 when there are none."""
+    letters = [c for c in reply if c.isalpha()]
+    return sum(c.isupper() for c in letters) / len(letters) if letters else 0.0
+
+
+def lexicon_balance(reply: str, plus: frozenset[str], minus: frozenset[str],
+                    minus_pattern: re.Pattern | None = None) -> float:
+    """(words in ``plus`` - words in ``minus``) per 100 words; 0 for a reply without words."""
+    ws = words(reply)
+    if not ws:
+        return 0.0
+    hits = sum(w in plus for w in ws) - sum(w in minus or bool(minus_pattern and minus_pattern.match(w))
+                                            for w in ws)
+    return 100.0 * hits / len(ws)
+
+
+def formality(reply: str) -> float:
+    """Formal minus informal markers per 100 words; contractions count as informal."""
+    return lexicon_balance(reply, FORMAL_WORDS, INFORMAL_WORDS, _CONTRACTION)
+
+
+def sentiment(reply: str) -> float:
+    """Positive minus negative words per 100 words."""
+    return lexicon_balance(reply, POSITIVE_WORDS, NEGATIVE_WORDS)
+
+
+MEASURES: dict[str, Callable[[str], float]] = {
+    "words": word_count,
+    "upper_share": upper_share,
+    "formality": formality,
+    "sentiment": sentiment,
+}

@@ -1,0 +1,322 @@
+"""Control curves: sweep the mix weight between two opposite descriptions and measure what moves.
+
+    python -m benchmarks.control [--checkpoint DIR] [--pairs 4] [--queries 12] [--points 13] [--max-tokens 64]
+
+For each pair (A, B) and w in -0.25 .. 1.25 (step 0.125) the adapter is the mix (1-w)*A + w*B, in weight
+space (`t2l-mix[weight]:`) and in description space (`t2l-mix[emb]:`). vLLM's offline engine answers
+held-out queries greedily with every adapter, and with the references that do not depend on w: the base
+model, and the base model with each description as its system prompt. Per point it records every pair's
+attribute (entanglement), and fluency as perplexity of the answer under the base model given the
+chat-formatted query without a system prompt. Writes benchmarks/results/control/control.{md,json,png};
+adapters and answers go to runs/control/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from vllm_t2l.generator import Generator
+from vllm_t2l.lora import LoRAWeights
+from vllm_t2l.models import DEFAULT_CHECKPOINT, prepare_default_model
+from vllm_t2l.names import AdapterSpec, Mode, parse
+from vllm_t2l.train import data
+from vllm_t2l.train.checks import MEASURES
+from vllm_t2l.train.student import Student
+
+MODES: tuple[Mode, ...] = ("weight", "emb")
+GRID = [-0.25 + 0.125 * i for i in range(13)]
+SPEARMAN_BAR, PPL_BAR = 0.9, 1.5
+
+
+@dataclass(frozen=True)
+class Pair:
+    name: str
+    measure: str  # a key of checks.MEASURES, expected to rise from a to b
+    a: str
+    b: str
+
+
+# Worded like the training families (length, format, register, tone), but none is a training prompt. Among 3-4
+# candidate wordings per side, these moved the attribute most as system prompts (base model, 12 training queries).
+PAIRS = [
+    Pair("length", "words", "Answer in one brief sentence and stop.",
+         "Write a long, thorough explanation covering every aspect of the question."),
+    Pair("caps", "upper_share", "Type your whole answer in small letters, with no capitals anywhere.",
+         "Type your whole answer in capital letters, with no small letters anywhere."),
+    Pair("formality", "formality", "Be super casual and chatty, like texting your best friend, lol.",
+         "Respond in a formal, courteous and professional manner, as a distinguished butler would."),
+    Pair("sentiment", "sentiment", "Answer in a sad, despairing tone, as if everything is doomed to fail.",
+         "Tone: cheerful and optimistic, delighted by every topic."),
+]
+
+
+def mix_name(pair: Pair, mode: Mode, w: float) -> str:
+    return f"t2l-mix[{mode}]:{1 - w!r}*{pair.a}||{w!r}*{pair.b}"
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Rank correlation; nan when either side is constant (no movement is no monotone movement)."""
+    from scipy.stats import spearmanr  # installed with vLLM
+
+    if len(set(x)) < 2 or len(set(y)) < 2:
+        return float("nan")
+    return float(spearmanr(x, y).statistic)
+
+
+@torch.no_grad()
+def answer_nll(student: Student, prompts: list[list[int]], answers: list[list[int]],
+               batch_size: int = 16) -> list[tuple[float, int]]:
+    """Summed negative log-likelihood and token count of each answer under the model as it is.
+
+    Many points of a sweep give the same answer to a query, so each distinct (prompt, answer) is scored once.
+    """
+    unique = sorted({(tuple(p), tuple(a)) for p, a in zip(prompts, answers) if a}, key=lambda x: len(x[0]) + len(x[1]))
+    scores: dict[tuple, tuple[float, int]] = {}
+    for start in tqdm(range(0, len(unique), batch_size), desc="perplexity", unit="batch"):
+        chunk = unique[start:start + batch_size]
+        batch = student.make_batch([list(p) for p, _ in chunk], [list(a) for _, a in chunk])
+        per_token = torch.nn.functional.cross_entropy(student.logits(batch), batch.targets, reduction="none")
+        offset = 0
+        for key in chunk:
+            scores[key] = (per_token[offset:offset + len(key[1])].sum().item(), len(key[1]))
+            offset += len(key[1])
+    return [scores[(tuple(p), tuple(a))] if a else (0.0, 0) for p, a in zip(prompts, answers)]
+
+
+def relative_distance(a: LoRAWeights, b: LoRAWeights) -> float:
+    """||dW_b - dW_a|| / ||dW_a||, Frobenius over every layer and module: how much B's adapter differs from A's."""
+    diff = norm = 0.0
+    for m in a.A:
+        for i in range(a.n_layers):
+            da = a.delta(m, i)
+            diff += (b.delta(m, i) - da).pow(2).sum().item()
+            norm += da.pow(2).sum().item()
+    return math.sqrt(diff / norm) if norm else float("nan")
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Mean of every measure over the queries, and perplexity over all their answer tokens."""
+    tokens = sum(r["tokens"] for r in rows)
+    return {**{m: sum(r[m] for r in rows) / len(rows) for m in MEASURES},
+            "ppl": math.exp(sum(r["nll"] for r in rows) / tokens) if tokens else float("nan")}
+
+
+def pick_grid(points: int) -> list[float]:
+    """``points`` values spread over GRID, always with the endpoints 0 and 1."""
+    idx = {round(i * (len(GRID) - 1) / max(1, points - 1)) for i in range(points)}
+    return sorted({GRID[i] for i in idx} | {0.0, 1.0})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    parser.add_argument("--pairs", type=int, default=len(PAIRS), help="use the first N pairs")
+    parser.add_argument("--queries", type=int, default=12, help="held-out queries, spread over the split")
+    parser.add_argument("--points", type=int, default=len(GRID), help="weights taken from the 13-point grid")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--out", default="benchmarks/results/control")
+    parser.add_argument("--work", default="runs/control")
+    parser.add_argument("--report", metavar="JSON", help="only rewrite the tables and plot from a control.json")
+    args = parser.parse_args()
+    if args.report:
+        report(json.loads(Path(args.report).read_text()), Path(args.out))
+        return
+    started = time.time()
+    pairs, grid = PAIRS[: args.pairs], pick_grid(args.points)
+    trained = {d for p in data.load_prompts() for d in p["descriptions"]}
+    if clash := [d for p in pairs for d in (p.a, p.b) if d in trained]:
+        raise SystemExit(f"these descriptions are in the training data: {clash}")
+    held = [q["text"] for q in data.load_queries() if q["split"] != "train"]
+    queries = held[:: max(1, len(held) // args.queries)][: args.queries]
+
+    model_dir = prepare_default_model()
+    gen = Generator.load(args.checkpoint)
+    points = [(p, mode, w) for p in pairs for mode in MODES for w in grid]
+    specs: list[AdapterSpec] = [parse(mix_name(p, mode, w)) for p, mode, w in points]
+    work = Path(args.work)
+    folders, ends = [], {}
+    for (p, mode, w), spec, lora in zip(points, specs, gen.generate(specs)):
+        folder = work / "adapters" / spec.content_id(gen.id)
+        folders.append(str(lora.save_peft(folder, model_dir.name, {"name": mix_name(p, mode, w),
+                                                                    "checkpoint": gen.id})))
+        if mode == "weight" and w in (0.0, 1.0):
+            ends[p.name, w] = lora
+    distance = {p.name: relative_distance(ends[p.name, 0.0], ends[p.name, 1.0]) for p in pairs}
+    t_adapters = time.time() - started
+
+    refs = {"base": None, **{f"system {which}: {p.name}": d for p in pairs for which, d in (("A", p.a), ("B", p.b))}}
+    jobs = [(("point", i), [{"role": "user", "content": q}], f) for i, f in enumerate(folders) for q in queries]
+    for name, system in refs.items():
+        head = [{"role": "system", "content": system}] if system else []
+        jobs += [(("ref", name), head + [{"role": "user", "content": q}], None) for q in queries]
+    from vllm_t2l.serving.offline import answer
+
+    t0 = time.time()
+    outs = answer(model_dir, [c for _, c, _ in jobs], args.max_tokens, 1, adapters=[f for _, _, f in jobs])
+    t_vllm = time.time() - t0
+
+    t0 = time.time()
+    student = Student(model_dir, ())
+    prompts = [student.prompt_ids(c[-1]["content"]) for _, c, _ in jobs]  # no system prompt, as the base sees it
+    nll = answer_nll(student, prompts, [o.token_ids for o in outs])
+    t_ppl = time.time() - t0
+    rows: dict[tuple, list[dict]] = {}
+    answers = []
+    for (key, conv, _), o, (s, n) in zip(jobs, outs, nll):
+        text = student.tokenizer.decode(o.token_ids, skip_special_tokens=True)
+        rows.setdefault(key, []).append({**{m: fn(text) for m, fn in MEASURES.items()}, "nll": s, "tokens": n})
+        answers.append({"key": list(key), "query": conv[-1]["content"], "answer": text})
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "answers.json").write_text(json.dumps(answers, indent=1))
+
+    result = {
+        "checkpoint": {"path": args.checkpoint, "id": gen.id, "arch": gen.checkpoint.config.arch},
+        "queries": queries, "max_tokens": args.max_tokens, "grid": grid,
+        "pairs": [vars(p) for p in pairs],
+        "adapter_distance": distance,  # ||dW_B - dW_A|| / ||dW_A|| over all layers and modules
+        "references": {name: {"mean": summarise(rows[("ref", name)]), "per_query": rows[("ref", name)]}
+                       for name in refs},
+        "points": [{"pair": p.name, "mode": mode, "w": w, "name": mix_name(p, mode, w),
+                    "adapter": Path(folders[i]).name, "mean": summarise(rows[("point", i)]),
+                    "per_query": rows[("point", i)]} for i, (p, mode, w) in enumerate(points)],
+    }
+    result["seconds"] = {"adapters": t_adapters, "vllm_answers": t_vllm, "perplexity": t_ppl,
+                         "total": time.time() - started}
+    report(result, Path(args.out))
+
+
+def report(result: dict, out: Path) -> None:
+    """Summary, control.json, control.md and control.png from the raw numbers."""
+    pairs = [Pair(**p) for p in result["pairs"]]
+    result["summary"] = summary(result, pairs)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "control.json").write_text(json.dumps(result, indent=1))
+    write_report(result, pairs, out)
+    plot(result, pairs, out)
+    print((out / "control.md").read_text())
+
+
+def curve(result: dict, pair: str, mode: str, key: str, inside: bool = False) -> tuple[list[float], list[float]]:
+    pts = [p for p in result["points"] if p["pair"] == pair and p["mode"] == mode
+           and (not inside or 0 <= p["w"] <= 1)]
+    return [p["w"] for p in pts], [p["mean"][key] for p in pts]
+
+
+def changed(result: dict, pair: Pair, mode: str) -> int:
+    """Queries whose answer at w=1 differs from the one at w=0 (a different likelihood means other tokens)."""
+    ends = [next(p for p in result["points"] if p["pair"] == pair.name and p["mode"] == mode and p["w"] == w)
+            for w in (0.0, 1.0)]
+    return sum((a["nll"], a["tokens"]) != (b["nll"], b["tokens"])
+               for a, b in zip(ends[0]["per_query"], ends[1]["per_query"]))
+
+
+def summary(result: dict, pairs: list[Pair]) -> dict:
+    """Per pair and mode: Spearman of every attribute vs w on [0, 1], its change, and the perplexity ratio."""
+    out: dict = {}
+    for p in pairs:
+        for mode in MODES:
+            ws, ppl = curve(result, p.name, mode, "ppl", inside=True)
+            ends = max(ppl[ws.index(0.0)], ppl[ws.index(1.0)])
+            row: dict = {"ppl_ratio": max(ppl) / ends, "attributes": {}, "answers_changed": changed(result, p, mode)}
+            for other in pairs:
+                _, ys = curve(result, p.name, mode, other.measure, inside=True)
+                row["attributes"][other.name] = {"spearman": spearman(ws, ys),
+                                                 "delta": ys[ws.index(1.0)] - ys[ws.index(0.0)]}
+            own = row["attributes"][p.name]["spearman"]
+            row["bar_met"] = bool(own >= SPEARMAN_BAR and row["ppl_ratio"] <= PPL_BAR)
+            out[f"{p.name}/{mode}"] = row
+    return out
+
+
+def write_report(result: dict, pairs: list[Pair], out: Path) -> None:
+    refs, summ = result["references"], result["summary"]
+    ck = result["checkpoint"]
+    lines = [f"# Control curves ({ck['arch']} checkpoint {ck['id'][:12]})", "",
+             f"{len(result['queries'])} held-out queries, greedy, at most {result['max_tokens']} tokens. Adapter = "
+             "(1-w)·A + w·B. Attribute: mean over the queries. Spearman: attribute vs w over the points in "
+             "[0, 1]. ppl ratio: highest perplexity on [0, 1] / the higher of the two endpoints (perplexity of "
+             "the answers under the base model given the query, no system prompt). Bar (issue 4): weight space, "
+             f"Spearman ≥ {SPEARMAN_BAR} and ppl ratio ≤ {PPL_BAR}.", "",
+             "| pair (attribute) | mode | w=0 | w=1 | system prompt A | system prompt B | Spearman | ppl ratio | "
+             "answers changed, w=0 vs 1 | bar |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in pairs:
+        a, b = refs[f"system A: {p.name}"]["mean"][p.measure], refs[f"system B: {p.name}"]["mean"][p.measure]
+        for mode in MODES:
+            ws, ys = curve(result, p.name, mode, p.measure)
+            s = summ[f"{p.name}/{mode}"]
+            lines.append(f"| {p.name} ({p.measure}) | {mode} | {ys[ws.index(0.0)]:.3g} | {ys[ws.index(1.0)]:.3g} | "
+                         f"{a:.3g} | {b:.3g} | {s['attributes'][p.name]['spearman']:.2f} | {s['ppl_ratio']:.2f} | "
+                         f"{s['answers_changed']}/{len(result['queries'])} | {'met' if s['bar_met'] else 'not met'} |")
+    lines += ["", "Descriptions (A → B), and how far apart their adapters are (||dW_B - dW_A|| / ||dW_A||):", ""]
+    dist = result.get("adapter_distance", {})
+    lines += [f"- {p.name}: A = “{p.a}” B = “{p.b}”" + (f" (distance {dist[p.name]:.2f})" if p.name in dist else "")
+              for p in pairs]
+    lines += ["", "## References (independent of w)", "",
+              "| setup | " + " | ".join(p.measure for p in pairs) + " | ppl |", "|---|" + "---|" * (len(pairs) + 1)]
+    for name, ref in refs.items():
+        lines.append(f"| {name} | " + " | ".join(f"{ref['mean'][p.measure]:.3g}" for p in pairs)
+                     + f" | {ref['mean']['ppl']:.2f} |")
+    lines += ["", "## Entanglement", "",
+              "Change of every attribute from w=0 to w=1 (Spearman vs w on [0, 1] in brackets). The diagonal is "
+              "the attribute the pair is meant to move.", "",
+              "| sweep | " + " | ".join(f"{p.name} ({p.measure})" for p in pairs) + " |",
+              "|---|" + "---|" * len(pairs)]
+    for p in pairs:
+        for mode in MODES:
+            cells = summ[f"{p.name}/{mode}"]["attributes"]
+            lines.append(f"| {p.name} / {mode} | " + " | ".join(
+                f"{cells[o.name]['delta']:+.3g} ({cells[o.name]['spearman']:.2f})" for o in pairs) + " |")
+    lines += ["", "## Curves", ""]
+    for p in pairs:
+        lines += [f"### {p.name} ({p.measure})", "",
+                  "| w | weight: attribute | weight: ppl | emb: attribute | emb: ppl |", "|---|---|---|---|---|"]
+        for w in result["grid"]:
+            cells = []
+            for mode in MODES:
+                pt = next(x for x in result["points"] if x["pair"] == p.name and x["mode"] == mode and x["w"] == w)
+                cells += [f"{pt['mean'][p.measure]:.3g}", f"{pt['mean']['ppl']:.2f}"]
+            lines.append(f"| {w:g} | " + " | ".join(cells) + " |")
+        lines.append("")
+    sec = result["seconds"]
+    lines.append(f"Wall time: {sec['total'] / 60:.1f} min (adapters {sec['adapters']:.0f} s, vLLM answers "
+                 f"{sec['vllm_answers']:.0f} s, perplexity {sec['perplexity']:.0f} s).")
+    (out / "control.md").write_text("\n".join(lines) + "\n")
+
+
+def plot(result: dict, pairs: list[Pair], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    refs = result["references"]
+    fig, axes = plt.subplots(2, len(pairs), figsize=(4 * len(pairs), 6.5), squeeze=False)
+    for col, p in enumerate(pairs):
+        for row, key in enumerate((p.measure, "ppl")):
+            ax = axes[row][col]
+            ax.axvspan(0, 1, color="0.94")
+            for mode, style in zip(MODES, ("o-", "s--")):
+                ax.plot(*curve(result, p.name, mode, key), style, label=f"{mode} space", ms=4)
+            for ref, color, ls in ((f"system A: {p.name}", "tab:red", ":"), (f"system B: {p.name}", "tab:green", ":"),
+                                   ("base", "0.4", "-.")):
+                ax.axhline(refs[ref]["mean"][key], color=color, ls=ls, lw=1, label=ref.split(":")[0].replace(
+                    "system", "prompt"))
+            ax.set_xlabel("w  (0 = A, 1 = B)")
+            ax.set_ylabel(key if row == 0 else "perplexity under base")
+            if row == 0:
+                ax.set_title(f"{p.name}: {p.measure}")
+        axes[0][col].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "control.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
