@@ -8,7 +8,7 @@ All 16 adapter slots are filled; no token uses -1, so the implementations comput
 Ours are timed on both of their paths (one product per slot present, "grouped"; one product over
 all slots, "dense"); ``cpu_ops.DENSE_MAX`` picks between them, and the speedup is that of the path they pick.
 
-    python -m benchmarks.cpu_lora_ops [--threads N]    # from the repo root
+    python -m benchmarks.cpu_lora_ops [--threads N] [--out DIR]    # from the repo root
 
 Times are 10th percentiles of alternating rounds, so they tolerate other load on the machine;
 with other processes busy, ``--threads 1`` avoids OpenMP threads waiting on each other.
@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from vllm.lora.ops.torch_ops import lora_ops
 
+from benchmarks import report
 from vllm_t2l.serving import cpu_ops
 
 HIDDEN, RANK, SLOTS = 576, 8, 16
@@ -33,7 +34,6 @@ MODULES = {"q_proj": 576, "v_proj": 192}
 TOKENS = (16, 64, 256)
 ADAPTERS = (1, 4, 16)
 DTYPES = (torch.bfloat16, torch.float32)
-RESULTS = Path(__file__).parent / "results" / "cpu_lora_ops.md"
 
 
 def _mapping(tokens: int, adapters: int, path: str) -> torch.Tensor:
@@ -94,7 +94,9 @@ def _time(fns, rounds=5, seconds=0.04) -> list[float]:
 def main() -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    torch.set_num_threads(parser.parse_args().threads)
+    parser.add_argument("--out", type=Path, default=report.RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     original = {name: getattr(lora_ops, name) for name in cpu_ops.GROUPED_OPS}
     rows = []
@@ -127,8 +129,10 @@ def main() -> str:
         f"min {min(ratios):.1f}x, max {max(ratios):.1f}x.",
     ]
     table = "\n".join(lines) + "\n"
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(table)
+    keys = ("dtype", "path", "tokens", "adapters", "vllm_ms", "grouped_ms", "dense_ms", "speedup")
+    report.write(args.out, "cpu_lora_ops", table, {"context": report.context("benchmarks.cpu_lora_ops"),
+                                                    "threads": torch.get_num_threads(),
+                                                    "rows": [dict(zip(keys, r)) for r in rows]})
     print(table)
     return table
 

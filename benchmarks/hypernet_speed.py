@@ -1,9 +1,10 @@
 """Hypernetwork throughput per architecture, and embed + forward latency of the shipped checkpoint.
 
-    python -m benchmarks.hypernet_speed [--device cpu] [--repeats 30]
+    python -m benchmarks.hypernet_speed [--device cpu] [--repeats 30] [--batches 1,4,16,64] [--out DIR]
 
 Shapes: the embedded SmolLM2-135M (30 layers, q_proj 576->576, v_proj 576->192, rank 8) and
-Mistral-7B (32 layers, q_proj 4096->4096, v_proj 4096->1024). Writes benchmarks/results/hypernet_speed.md.
+Mistral-7B (32 layers, q_proj 4096->4096, v_proj 4096->1024). Writes hypernet_speed.{md,json,png} under
+benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import report
 from vllm_t2l.hypernet import ARCHS, BaseShapes, HyperConfig, HyperNet
 
 SHAPES = {
@@ -39,6 +41,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--batches", default="1,4,16,64")
+    parser.add_argument("--out", type=Path, default=report.RESULTS)
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
@@ -53,8 +56,10 @@ def main() -> None:
     specs = [spec_from_parts([f"Answer like a patient tutor, variant {i}."]) for i in range(args.repeats + 1)]
     it = iter(specs)
     ms = timed(lambda: gen.generate([next(it)]), args.repeats)
-    lines += [f"p50 {statistics.median(ms):.1f} ms, p95 {sorted(ms)[int(0.95 * len(ms)) - 1]:.1f} ms "
+    one = {"p50": statistics.median(ms), "p95": sorted(ms)[int(0.95 * len(ms)) - 1], "n": len(ms)}
+    lines += [f"p50 {one['p50']:.1f} ms, p95 {one['p95']:.1f} ms "
               f"({gen.checkpoint.config.arch}; new description each call)", ""]
+    rows = []
 
     lines += ["## Forward pass only (latent 128, head_in 512, rank 8)", "",
               "| shapes | arch | params | " + " | ".join(f"batch {b}: ms / adapters/s" for b in batches) + " |",
@@ -68,11 +73,32 @@ def main() -> None:
                 emb = torch.randn(b, 384, device=args.device)
                 ms = statistics.median(timed(lambda n=net, e=emb: (n(e), sync()), max(3, args.repeats // 3)))
                 cells.append(f"{ms:.1f} / {b / ms * 1000:.0f}")
+                rows.append({"shapes": shape_name, "arch": arch, "params": params, "batch": b, "ms": ms,
+                             "adapters_per_s": b / ms * 1000})
             lines.append(f"| {shape_name} | {arch} | {params / 1e6:.2f}M | " + " | ".join(cells) + " |")
-    out = Path("benchmarks/results/hypernet_speed.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    ctx = report.context("benchmarks.hypernet_speed")
+    out = report.write(args.out, "hypernet_speed", "\n".join(lines),
+                       {"context": ctx, "device": args.device, "threads": torch.get_num_threads(),
+                        "embed_forward_ms": one, "forward": rows})
+    plot(rows, args.out / "hypernet_speed.png")
     print(out.read_text())
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Adapters per second against batch size, one panel per base model's shapes."""
+    plt = report.pyplot()
+    shapes = list(dict.fromkeys(r["shapes"] for r in rows))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        for arch in dict.fromkeys(r["arch"] for r in rows):
+            mine = [r for r in rows if r["shapes"] == shape and r["arch"] == arch]
+            ax.plot([r["batch"] for r in mine], [r["adapters_per_s"] for r in mine], marker="o", label=arch)
+        ax.set(xscale="log", yscale="log", xlabel="batch (descriptions per forward pass)", ylabel="adapters/s",
+               title=f"hypernetwork forward, {shape} shapes")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +11,7 @@ import torch
 from vllm_t2l.checkpoint import Checkpoint
 from vllm_t2l.embed import EmbedderConfig
 from vllm_t2l.hypernet import BaseShapes, HyperConfig, HyperNet
+from vllm_t2l.launch import ServerProcess
 from vllm_t2l.models import DEFAULT_EMBEDDER_NAME
 
 TINY_CONFIG = {  # a Llama-style config.json small enough for fast tests
@@ -62,71 +58,32 @@ def tiny_checkpoint(tmp_path: Path, tiny_shapes) -> Path:
 
 # ---- the real server ------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+SERVER_CATALOG = {"pirate": "Talk like a pirate in every answer.",
+                  "terse": "Answer in as few words as possible."}
 
 
-class Server:
-    def __init__(self, port: int, log: Path, cache_dir: Path, catalog: Path):
-        self.port, self.log, self.cache_dir, self.catalog = port, log, cache_dir, catalog
-        self.base_url = f"http://127.0.0.1:{port}"
+class Server(ServerProcess):
+    """The test server: `vllm-t2l serve` with a catalog and its own adapter cache."""
+
+    def __init__(self, root: Path):
+        self.cache_dir, self.catalog = root / "adapters", root / "catalog.json"
+        self.catalog.write_text(json.dumps(SERVER_CATALOG))
         self.catalog_entries = SERVER_CATALOG
+        super().__init__(["--catalog", str(self.catalog), "--cache-dir", str(self.cache_dir),
+                          "--max-loras", "2", "--max-num-seqs", "32"], root / "server.log",
+                         env={"VLLM_T2L_CACHE_MAX_ADAPTERS": "64"})
 
     def client(self, **kw):
         from openai import OpenAI
 
         return OpenAI(base_url=self.base_url + "/v1", api_key="none", max_retries=0, **kw)
 
-    def metric(self, name: str) -> float:
-        import urllib.request
-
-        text = urllib.request.urlopen(self.base_url + "/metrics", timeout=10).read().decode()
-        for line in text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
-        raise KeyError(name)
-
-
-SERVER_CATALOG = {"pirate": "Talk like a pirate in every answer.",
-                  "terse": "Answer in as few words as possible."}
-
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory) -> Server:
     """`vllm-t2l serve` on the embedded default, started once for the whole session."""
-    root = tmp_path_factory.mktemp("server")
-    catalog = root / "catalog.json"
-    catalog.write_text(json.dumps(SERVER_CATALOG))
-    srv = Server(_free_port(), root / "server.log", root / "adapters", catalog)
-    cmd = [sys.executable, "-m", "vllm_t2l.cli", "serve", "--port", str(srv.port),
-           "--catalog", str(catalog), "--cache-dir", str(srv.cache_dir),
-           "--max-loras", "2", "--max-num-seqs", "32"]
-    env = dict(os.environ, VLLM_T2L_CACHE_MAX_ADAPTERS="64")
-    with open(srv.log, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    import urllib.request
-
-    deadline = time.time() + 600
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited ({proc.returncode}):\n{srv.log.read_text()[-4000:]}")
-            try:
-                urllib.request.urlopen(srv.base_url + "/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise RuntimeError(f"server did not start:\n{srv.log.read_text()[-4000:]}") from None
-                time.sleep(2)
+    with Server(tmp_path_factory.mktemp("server")) as srv:
         yield srv
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 # ---- unit fixtures (added) ----

@@ -180,3 +180,14 @@ def test_one_zero_mix_equals_first(which, mode, request):
 
 def test_embedder_config_from_checkpoint(zgen):
     assert zgen.checkpoint.embedder == EmbedderConfig(name=DEFAULT_EMBEDDER_NAME, dim=384)
+
+
+@pytest.mark.parametrize("which", ["zgen", "lgen"])
+def test_timings_record_embed_and_hypernet(which, request):
+    gen: Generator = request.getfixturevalue(which)
+    timings: dict[str, float] = {}
+    specs = [parse("t2l:Talk like a pirate."), parse("t2l-mix:0.5*Be kind.||0.5*Be brief.")]
+    with_timings = gen.generate(specs, timings)
+    assert set(timings) == {"embed", "hypernet"} and all(t > 0 for t in timings.values())
+    for a, b in zip(with_timings, gen.generate(specs)):
+        _assert_same_delta(a, b)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,18 +44,23 @@ class Generator:
         return r if spec.mode == "emb" or self.zhyper else r * len(spec.terms)
 
     @torch.no_grad()
-    def generate(self, specs: Sequence[AdapterSpec]) -> list[LoRAWeights]:
+    def generate(self, specs: Sequence[AdapterSpec], timings: dict[str, float] | None = None) -> list[LoRAWeights]:
+        """One adapter per spec. ``timings``, when given, receives the seconds spent embedding the
+        descriptions (``embed``) and in the hypernetwork (``hypernet``)."""
+        start = time.perf_counter()
         texts = sorted({d for s in specs for d in s.descriptions})
         emb = self.embedder(texts).to(self.device)
+        if timings is not None:
+            start = self._lap(timings, "embed", start)
         row = {t: i for i, t in enumerate(texts)}
         rows, slices = [], []  # hypernetwork input rows; which rows belong to which spec
         for spec in specs:
-            start = len(rows)
+            first = len(rows)
             if spec.mode == "emb":
                 rows.append(sum(w * emb[row[d]] for d, w in spec.terms))
             else:
                 rows.extend(emb[row[d]] for d in spec.descriptions)
-            slices.append(range(start, len(rows)))
+            slices.append(range(first, len(rows)))
         x = torch.stack(rows)
         c, net = self.checkpoint.config, self.checkpoint.hypernet
         out = []
@@ -64,16 +70,26 @@ class Generator:
                 weights = _row_weights(spec)
                 mixed = {m: sum(w * z[i:i + 1] for w, i in zip(weights, idx)) for m, z in codes.items()}
                 out.append(from_batch(net.from_codes(mixed), 0, c.alpha, c.use_rslora))
-            return out
-        batch = net(x)
-        for spec, idx in zip(specs, slices):
-            parts = [from_batch(batch, i, c.alpha, c.use_rslora) for i in idx]
-            weights = _row_weights(spec)
-            if len(parts) == 1 and weights == [1.0]:
-                out.append(parts[0])
-            else:
-                out.append(LoRAWeights.weighted_sum(parts, weights))
+        else:
+            batch = net(x)
+            for spec, idx in zip(specs, slices):
+                parts = [from_batch(batch, i, c.alpha, c.use_rslora) for i in idx]
+                weights = _row_weights(spec)
+                if len(parts) == 1 and weights == [1.0]:
+                    out.append(parts[0])
+                else:
+                    out.append(LoRAWeights.weighted_sum(parts, weights))
+        if timings is not None:
+            self._lap(timings, "hypernet", start)
         return out
+
+    def _lap(self, timings: dict[str, float], stage: str, start: float) -> float:
+        """Record the seconds since ``start`` under ``stage`` (after the device's queued work) and return now."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        timings[stage] = now - start
+        return now
 
     def generate_one(self, spec: AdapterSpec) -> LoRAWeights:
         return self.generate([spec])[0]

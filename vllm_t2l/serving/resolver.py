@@ -179,8 +179,13 @@ class T2LResolver(LoRAResolver):
                     fut.set_result(None)
 
     def _write(self, jobs: list[tuple[AdapterSpec, Path]]) -> None:
-        adapters = self.generator.generate([spec for spec, _ in jobs])
+        timings: dict[str, float] = {}
+        adapters = self.generator.generate([spec for spec, _ in jobs], timings)
+        start = time.perf_counter()
         meta = {"checkpoint": self.generator.id}
         for (spec, folder), lora in zip(jobs, adapters):
             lora.save_peft(folder, self.base_model, {**meta, "descriptions": spec.descriptions,
                                                      "weights": spec.weights, "mode": spec.mode})
+        timings["write"] = time.perf_counter() - start
+        for stage, seconds in timings.items():
+            metrics.STAGE_SECONDS.labels(stage).observe(seconds)

@@ -1,0 +1,124 @@
+"""Run every benchmark and write a summary of the issue's bars.
+
+    python -m benchmarks [--skip quality,control] [--only cold_miss,throughput] [--quick] [--out DIR]
+
+Each benchmark runs as its own process (`python -m benchmarks.<name>`) and writes its own
+`<name>.md`, `.json` and `.png` under the output folder (quality and control: in subfolders); its output goes to
+`logs/<name>.log` there. Then `summary.md` and `summary.json` list what ran, how long it took, and the
+figures the issue sets bars for. `--quick` runs every benchmark with small settings, to check the
+pipeline (its numbers mean little).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import report
+
+# name, flags for --quick (None: not run with --quick), --out folder under the results folder, long (tens of minutes)
+BENCHMARKS: list[tuple[str, list[str] | None, str, bool]] = [
+    ("hypernet_speed", ["--repeats", "5"], ".", False),
+    ("cpu_lora_ops", [], ".", False),
+    ("cold_miss", ["--descriptions", "3"], ".", False),
+    ("throughput", ["--k", "1,4", "--min-requests", "4", "--rounds", "1", "--max-tokens", "16"], ".", False),
+    ("scale", ["--n", "40", "--chunk", "20"], ".", True),
+    ("control", None, "control", True),
+    ("quality", None, ".", True),  # trains its baselines under runs/; writes quality/ itself
+]
+
+
+def _load(out: Path, name: str) -> dict | None:
+    path = out / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def _bars(out: Path) -> list[tuple[str, str, str, str]]:
+    """(bar, measured, verdict, source) for each figure the issue sets a bar for, from the results present."""
+    rows = []
+    if (h := _load(out, "hypernet_speed")) and "embed_forward_ms" in h:
+        p50 = h["embed_forward_ms"]["p50"]
+        rows.append(("embed + hypernetwork, one description, CPU: p50 <= 15 ms", f"{p50:.1f} ms", verdict(p50 <= 15),
+                     "hypernet_speed.md"))
+    if c := _load(out, "cold_miss"):
+        r = c["summary_ms"]["ratio_p50"]
+        rows.append(("cold miss: extra over warm <= 1.2x the filesystem resolver's", f"{r:.2f}x (p50)",
+                     verdict(r <= 1.2), "cold_miss.md"))
+    if (t := _load(out, "throughput")) and t.get("bar"):
+        b = t["bar"]
+        rows.append((f"throughput with {b['k']} adapters in flight >= 0.85x base",
+                     f"{b['t2l']:.2f}x (static --lora-modules {b['static']:.2f}x)", verdict(b["passed"]),
+                     "throughput.md"))
+    if s := _load(out, "scale"):
+        s = s["summary"]
+        rows.append((f"scale: {s['requests']} distinct descriptions, no errors, flat latency, bounded memory",
+                     f"{s['errors']} errors, last/first chunk latency {s['last_over_first_chunk_p50']:.2f}x, "
+                     f"peak RSS {s['rss_mb']['peak']:.0f} MiB", verdict(s["errors"] == 0), "scale.md"))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    names = [b[0] for b in BENCHMARKS]
+    parser.add_argument("--only", default="", help=f"comma-separated subset of {','.join(names)}")
+    parser.add_argument("--skip", default="", help="comma-separated benchmarks to leave out (e.g. quality,control)")
+    parser.add_argument("--skip-long", action="store_true", help="leave out " +
+                        ",".join(b[0] for b in BENCHMARKS if b[3]))
+    parser.add_argument("--quick", action="store_true", help="small settings, results in a temporary folder: checks "
+                        "the pipeline only (leaves out " + ",".join(b[0] for b in BENCHMARKS if b[1] is None) + ")")
+    parser.add_argument("--out", type=Path, help=f"results folder (default: {report.RESULTS})")
+    args = parser.parse_args()
+    if args.out is None:
+        args.out = Path(tempfile.mkdtemp(prefix="t2l-bench-quick-")) if args.quick else report.RESULTS
+    only = [n for n in args.only.split(",") if n]
+    skip = [n for n in args.skip.split(",") if n]
+    for n in only + skip:
+        if n not in names:
+            parser.error(f"unknown benchmark {n!r}; known: {', '.join(names)}")
+    (args.out / "logs").mkdir(parents=True, exist_ok=True)
+    runs = []
+    for name, quick, folder, long in BENCHMARKS:
+        if (only and name not in only) or name in skip or (args.skip_long and long) or (args.quick and quick is None):
+            continue
+        if importlib.util.find_spec(f"benchmarks.{name}") is None:
+            runs.append({"name": name, "status": "missing", "command": "", "seconds": 0.0})
+            continue
+        flags = (quick or [] if args.quick else []) + ["--out", str(args.out / folder)]
+        cmd = [sys.executable, "-m", f"benchmarks.{name}", *flags]
+        print(f"== {name}: {shlex.join(['python', *cmd[1:]])}", flush=True)
+        start = time.perf_counter()
+        with open(args.out / "logs" / f"{name}.log", "w") as log:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        seconds = time.perf_counter() - start
+        status = "ok" if rc == 0 else f"failed (exit {rc}, see logs/{name}.log)"
+        print(f"   {status} in {seconds:.0f} s", flush=True)
+        runs.append({"name": name, "status": status, "command": shlex.join(["python", *cmd[1:]]), "seconds": seconds})
+    bars = _bars(args.out)
+    lines = ["# Benchmarks", "",
+             f"`python -m benchmarks {shlex.join(sys.argv[1:])}` ({time.strftime('%Y-%m-%d %H:%M')})"
+             + (", **quick settings: the numbers check the pipeline only**" if args.quick else "") + ".", "",
+             *report.table(["benchmark", "status", "minutes", "command"],
+                           [[r["name"], r["status"], f"{r['seconds'] / 60:.1f}", f"`{r['command']}`" if r["command"]
+                             else ""] for r in runs]),
+             "", "## The bars", "", *report.table(["bar", "measured", "verdict", "details"], bars)]
+    path = report.write(args.out, "summary", "\n".join(lines), {"quick": args.quick, "runs": runs,
+                                                                "bars": [dict(zip(("bar", "measured", "verdict",
+                                                                                   "details"), b)) for b in bars]})
+    print(path.read_text())
+    if any(r["status"] not in ("ok", "missing") for r in runs):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Scale: thousands of distinct descriptions sent one after another; latency, server memory, errors.
+
+    python -m benchmarks.scale [--n 2000] [--max-tokens 4] [--cache-max-adapters 64] [--grace-s 10]
+                               [--max-cpu-loras 32] [--chunk 200]
+
+Every request names a never-seen description, so every one is a cache miss: the server generates an
+adapter, vLLM loads it, and the adapter cache and vLLM's LRUs evict older ones. Records each request's
+latency and TTFT, and every ``--sample-every`` requests the resident memory of the server's processes
+(API server + engine), the adapter folders on disk and the cache's gauges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import report
+from benchmarks.server import chat_messages, descriptions, http_client, keep_log, stream_chat, tree_rss
+from vllm_t2l.launch import ServerProcess
+
+QUERY = chat_messages("Name a colour.")
+
+
+def folders(root: Path) -> int:
+    return sum(1 for p in root.rglob("adapter_config.json"))
+
+
+async def measure(server: ServerProcess, descs: list[str], cache_root: Path, args) -> tuple[list[dict], list[dict]]:
+    rows, samples = [], []
+    start = time.perf_counter()
+    async with http_client(server) as http:
+        for i, desc in enumerate(descs):
+            t = await stream_chat(http, "t2l:" + desc, QUERY, args.max_tokens)
+            rows.append({"i": i, "latency_ms": t.latency * 1e3, "ttft_ms": t.ttft * 1e3, "error": t.error})
+            if i % args.sample_every == 0 or i == len(descs) - 1:
+                samples.append({"i": i, "t_s": time.perf_counter() - start, "rss_mb": tree_rss(server.pid) / 2**20,
+                                "folders": folders(cache_root),
+                                "adapters_resident": server.metric("vllm_t2l:adapters_resident")})
+            if (i + 1) % args.chunk == 0:
+                chunk = rows[-args.chunk:]
+                print(f"[{i + 1}/{len(descs)}] latency p50 {report.pct([r['latency_ms'] for r in chunk], 50):.0f} ms,"
+                      f" RSS {samples[-1]['rss_mb']:.0f} MiB, folders {samples[-1]['folders']},"
+                      f" errors {sum(bool(r['error']) for r in chunk)}", flush=True)
+    return rows, samples
+
+
+def summarise(rows: list[dict], samples: list[dict], chunk: int) -> dict:
+    chunks = []
+    for start in range(0, len(rows), chunk):
+        part = rows[start:start + chunk]
+        rss = [s["rss_mb"] for s in samples if start <= s["i"] < start + chunk]
+        chunks.append({"requests": f"{start + 1}-{start + len(part)}",
+                       "latency_ms": report.stats([r["latency_ms"] for r in part]),
+                       "ttft_ms": report.stats([r["ttft_ms"] for r in part]),
+                       "errors": sum(bool(r["error"]) for r in part), "rss_mb_max": max(rss, default=float("nan"))})
+    first, last = chunks[0]["latency_ms"]["p50"], chunks[-1]["latency_ms"]["p50"]
+    return {"requests": len(rows), "errors": sum(c["errors"] for c in chunks),
+            "first_errors": [r["error"] for r in rows if r["error"]][:5],
+            "latency_ms": report.stats([r["latency_ms"] for r in rows]),
+            "last_over_first_chunk_p50": last / first,
+            "rss_mb": {"first_sample": samples[0]["rss_mb"], "end_of_first_chunk": chunks[0]["rss_mb_max"],
+                       "peak": max(s["rss_mb"] for s in samples), "last": samples[-1]["rss_mb"]},
+            "folders_max": max(s["folders"] for s in samples),
+            "adapters_resident_max": max(s["adapters_resident"] for s in samples), "chunks": chunks}
+
+
+def markdown(s: dict, ctx: dict, flags: list[str], env: dict[str, str]) -> str:
+    rss = s["rss_mb"]
+    lines = ["# Scale: distinct descriptions one after another", "",
+             f"`{ctx['command']}` ({ctx['date']}, {ctx['cpus']} CPUs, load average {ctx['load_average_at_end']} "
+             f"at the end). Server flags `{' '.join(flags)}`, "
+             + ", ".join(f"{k}={v}" for k, v in env.items()) + ". Every request is a new description (a cache miss).",
+             "", *report.table(["requests", "latency p50 ms", "latency p95 ms", "TTFT p50 ms", "errors",
+                                "server RSS max MiB"],
+                               [[c["requests"], c["latency_ms"]["p50"], c["latency_ms"]["p95"], c["ttft_ms"]["p50"],
+                                 c["errors"], c["rss_mb_max"]] for c in s["chunks"]]),
+             "", f"- {s['requests']} requests, **{s['errors']} errors**; latency p50 of the last chunk / the first: "
+                 f"**{s['last_over_first_chunk_p50']:.2f}x**.",
+             f"- Server RSS (API server + engine processes): {rss['first_sample']:.0f} MiB after the first request, "
+             f"{rss['end_of_first_chunk']:.0f} MiB by the end of the first chunk, peak **{rss['peak']:.0f} MiB**, "
+             f"{rss['last']:.0f} MiB at the end.",
+             f"- Adapter folders on disk: at most {s['folders_max']} (cache entries plus evicted folders in "
+             f"their grace period); adapters resident in the cache: at most {s['adapters_resident_max']:.0f}."]
+    if s["first_errors"]:
+        lines += ["", "First errors:", "", *(f"- {e}" for e in s["first_errors"])]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], samples: list[dict], s: dict, chunk: int, path: Path) -> None:
+    plt = report.pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6.5), sharex=True)
+    top.scatter([r["i"] for r in rows], [r["latency_ms"] for r in rows], s=2, alpha=0.4, label="request")
+    mids = [i * chunk + chunk / 2 for i in range(len(s["chunks"]))]
+    top.plot(mids, [c["latency_ms"]["p50"] for c in s["chunks"]], "r-o", label=f"p50 per {chunk}")
+    top.set_ylabel("latency (ms)")
+    top.set_yscale("log")
+    top.legend(fontsize=8)
+    bottom.plot([x["i"] for x in samples], [x["rss_mb"] for x in samples], label="server RSS (MiB)")
+    bottom.set_ylabel("server RSS (MiB)")
+    bottom.set_xlabel("request (each a new description)")
+    right = bottom.twinx()
+    right.plot([x["i"] for x in samples], [x["folders"] for x in samples], "g--", label="adapter folders")
+    right.set_ylabel("adapter folders on disk")
+    fig.suptitle(f"{s['requests']} distinct descriptions, {s['errors']} errors")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=2000, help="distinct descriptions, one request each")
+    parser.add_argument("--max-tokens", type=int, default=4)
+    parser.add_argument("--cache-max-adapters", type=int, default=64, help="VLLM_T2L_CACHE_MAX_ADAPTERS")
+    parser.add_argument("--grace-s", type=float, default=10.0, help="VLLM_T2L_CACHE_GRACE_S")
+    parser.add_argument("--max-cpu-loras", type=int, default=32)
+    parser.add_argument("--chunk", type=int, default=200, help="requests per row of the report")
+    parser.add_argument("--sample-every", type=int, default=10, help="requests between memory samples")
+    parser.add_argument("--out", type=Path, default=report.RESULTS)
+    parser.add_argument("server_args", nargs="*", help="extra flags for `vllm-t2l serve` (after --)")
+    args = parser.parse_args()
+    descs = descriptions(args.n)
+    env = {"VLLM_T2L_CACHE_MAX_ADAPTERS": str(args.cache_max_adapters), "VLLM_T2L_CACHE_GRACE_S": str(args.grace_s)}
+    flags = ["--max-cpu-loras", str(args.max_cpu_loras), *args.server_args]
+    with tempfile.TemporaryDirectory(prefix="t2l-scale-") as tmp:
+        cache_root = Path(tmp) / "t2l"
+        server = ServerProcess([*flags, "--cache-dir", str(cache_root)], Path(tmp) / "server.log", env)
+        try:
+            with server:
+                rows, samples = asyncio.run(measure(server, descs, cache_root, args))
+        finally:
+            keep_log(server, args.out, "scale")
+    s = summarise(rows, samples, args.chunk)
+    ctx = report.context("benchmarks.scale")
+    path = report.write(args.out, "scale", markdown(s, ctx, flags, env),
+                        {"context": ctx, "server_flags": flags, "env": env, "summary": s, "samples": samples,
+                         "rows": rows})
+    plot(rows, samples, s, args.chunk, args.out / "scale.png")
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Tests for vllm_t2l.serving.resolver.T2LResolver without a server: generation and its metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from prometheus_client import REGISTRY
+
+from vllm_t2l import checkpoint as ckpt_mod
+from vllm_t2l.generator import Generator
+from vllm_t2l.names import parse
+from vllm_t2l.serving.resolver import Settings, T2LResolver
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+STAGES = ("embed", "hypernet", "write")
+
+
+def _stage_count(stage: str) -> float:
+    return REGISTRY.get_sample_value("vllm_t2l:stage_seconds_count", {"stage": stage}) or 0.0
+
+
+def test_write_saves_folders_and_observes_each_stage_once_per_batch(tiny_checkpoint, minilm, tmp_path):
+    resolver = T2LResolver(Settings())
+    resolver.generator = Generator(ckpt_mod.load(tiny_checkpoint), minilm)
+    resolver.base_model = "tiny-llama"
+    before = {s: _stage_count(s) for s in STAGES}
+    jobs = [(parse("t2l:Talk like a pirate."), tmp_path / "a"), (parse("t2l:Be brief."), tmp_path / "b")]
+    resolver._write(jobs)
+    for _, folder in jobs:
+        assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-llama"
+    for stage in STAGES:
+        assert _stage_count(stage) == before[stage] + 1
+        assert REGISTRY.get_sample_value("vllm_t2l:stage_seconds_sum", {"stage": stage}) > 0
+
+
+def test_names_it_does_not_own_resolve_to_none():
+    """Other resolvers (vLLM's filesystem resolver) see every name that is not t2l:/t2l-mix:."""
+    assert asyncio.run(T2LResolver(Settings()).resolve_lora("base", "my-adapter")) is None
