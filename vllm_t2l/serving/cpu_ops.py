@@ -114,14 +114,12 @@ def _plan(indices: torch.Tensor) -> _Plan:
 
 
 def _use_dense(plan: _Plan, slots_total: int) -> bool:
-    """Decode batches where nearly every token has its own adapter: one product over all slots
-    beats a product per slot (see benchmarks/results/cpu_lora_ops.md); otherwise group."""
-    tokens = plan.indices.numel()
-    return len(plan.slots) * DENSE_RATIO >= tokens and tokens * slots_total <= DENSE_MAX
+    """Small batches with several adapters: one product over all slots beats a product per slot
+    on 2 threads (benchmarks/results/cpu_lora_ops.md); one adapter, or many tokens: group."""
+    return len(plan.slots) > 1 and plan.indices.numel() * slots_total <= DENSE_MAX
 
 
-# Dense when (slots present) * DENSE_RATIO >= tokens and tokens * (all slots) <= DENSE_MAX.
-DENSE_RATIO = 2
+# At most this many (tokens x adapter slots) for the dense path.
 DENSE_MAX = 1024
 
 
