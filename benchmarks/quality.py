@@ -1,6 +1,7 @@
 """Held-out quality of the shipped checkpoint against its baselines, in one run.
 
-    python -m benchmarks.quality [--checkpoint DIR] [--multitask-steps N] [--oracles K] [--oracle-steps N]
+    python -m benchmarks.quality [--checkpoint DIR] [--compare DIR,...] [--multitask-steps N] [--oracles K]
+                                 [--oracle-steps N]
 
 Trains (or reuses, under runs/) the description-blind multi-task LoRA and K per-prompt oracle LoRAs
 for held-out checkable prompts, then runs `vllm-t2l eval` on all of them. Writes
@@ -27,6 +28,7 @@ def main() -> None:
     parser.add_argument("--multitask-steps", type=int, default=100)
     parser.add_argument("--oracles", type=int, default=4)
     parser.add_argument("--oracle-steps", type=int, default=40)
+    parser.add_argument("--compare", default="", help="more checkpoints (comma-separated) reported beside it")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
 
@@ -47,7 +49,8 @@ def main() -> None:
         shutil.copytree(folder, target)
 
     cfg = EvalConfig(checkpoint=args.checkpoint, out=args.out + "/quality", multitask=str(mt),
-                     oracles=str(oracle_root), work="runs/eval")
+                     oracles=str(oracle_root), work="runs/eval",
+                     compare=tuple(c for c in args.compare.split(",") if c))
     evaluate(cfg)
     print((Path(cfg.out) / "quality.md").read_text())
 
