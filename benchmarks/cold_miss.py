@@ -129,9 +129,7 @@ def plot(rows: list[dict], s: dict, path: Path) -> None:
     right.legend(fontsize=8)
     fig.suptitle(f"Cold miss, {len(rows)} new descriptions: t2l extra / filesystem extra = "
                  f"{s['ratio_p50']:.2f}x (p50)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def main() -> None:

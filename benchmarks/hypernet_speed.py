@@ -96,9 +96,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set(xscale="log", yscale="log", xlabel="batch (descriptions per forward pass)", ylabel="adapters/s",
                title=f"hypernetwork forward, {shape} shapes")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -105,9 +105,7 @@ def plot(rows: list[dict], samples: list[dict], s: dict, chunk: int, path: Path)
     right.plot([x["i"] for x in samples], [x["folders"] for x in samples], "g--", label="adapter folders")
     right.set_ylabel("adapter folders on disk")
     fig.suptitle(f"{s['requests']} distinct descriptions, {s['errors']} errors")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def main() -> None:

@@ -154,9 +154,7 @@ def plot(cells: list[dict], path: Path) -> None:
         ax.set_xlabel("K distinct descriptions in flight")
         ax.set_ylabel(label)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def main() -> None:
