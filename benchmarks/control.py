@@ -1,6 +1,6 @@
 """Control curves: sweep the mix weight between two opposite descriptions and measure what moves.
 
-    python -m benchmarks.control [--checkpoint DIR] [--pairs 4] [--queries 12] [--points 13] [--max-tokens 64]
+    python -m benchmarks.control [--checkpoint DIR] [--pairs 4] [--queries 24] [--points 13] [--max-tokens 64]
 
 For each pair (A, B) and w in -0.25 .. 1.25 (step 0.125) the adapter is the mix (1-w)*A + w*B, in weight
 space (`t2l-mix[weight]:`) and in description space (`t2l-mix[emb]:`). vLLM's offline engine answers
@@ -44,13 +44,15 @@ class Pair:
     b: str
 
 
-# Worded like the training families (length, format, register, tone), but none is a training prompt. Among 3-4
-# candidate wordings per side, these moved the attribute most as system prompts (base model, 12 training queries).
+# Worded like the training families (length, persona, register, tone), but none is a training prompt. Each side is
+# the candidate wording that moved its attribute most as a system prompt (benchmarks/control_screen.py, training
+# queries). Capital letters are not a pair: the base model does not capitalise when told to, so there is nothing
+# to distil (screen.md).
 PAIRS = [
     Pair("length", "words", "Answer in one brief sentence and stop.",
          "Write a long, thorough explanation covering every aspect of the question."),
-    Pair("caps", "upper_share", "Type your whole answer in small letters, with no capitals anywhere.",
-         "Type your whole answer in capital letters, with no small letters anywhere."),
+    Pair("pirate", "pirate", "Speak like a precise modern scientist.",
+         "You are a salty old pirate captain. Speak like one."),
     Pair("formality", "formality", "Be super casual and chatty, like texting your best friend, lol.",
          "Respond in a formal, courteous and professional manner, as a distinguished butler would."),
     Pair("sentiment", "sentiment", "Answer in a sad, despairing tone, as if everything is doomed to fail.",
@@ -119,7 +121,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     parser.add_argument("--pairs", type=int, default=len(PAIRS), help="use the first N pairs")
-    parser.add_argument("--queries", type=int, default=12, help="held-out queries, spread over the split")
+    parser.add_argument("--queries", type=int, default=24, help="held-out queries, spread over the split")
     parser.add_argument("--points", type=int, default=len(GRID), help="weights taken from the 13-point grid")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--out", default="benchmarks/results/control")

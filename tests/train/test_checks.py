@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_t2l.train.checks import CHECKS, MEASURES, check, formality, sentiment, upper_share, word_count, words
+from vllm_t2l.train.checks import CHECKS, MEASURES, check, formality, pirate, sentiment, upper_share, word_count, words
 
 CASES = [  # (spec, replies that comply, replies that do not)
     ({"type": "all_caps"},
@@ -116,6 +116,12 @@ def test_sentiment_orders_moods() -> None:
     gloomy = "Sadly, it is hopeless and everything will fail."
     assert sentiment(happy) > sentiment("The box is red.") == 0.0 > sentiment(gloomy)
     assert sentiment("Great but awful.") == 0.0  # one of each cancels
+
+
+def test_pirate_counts_markers_not_topics() -> None:
+    assert pirate("Arr, ahoy matey!") == 100.0
+    assert pirate("The ship sailed the sea for treasure.") == 0.0
+    assert pirate("Aye, the ship is yer own.") == 2 * 100.0 / 6
 
 
 def test_measures_are_zero_for_blank_replies() -> None:

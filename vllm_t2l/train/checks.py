@@ -140,6 +140,11 @@ doom doomed grim bleak sorrow pain painful suffer suffering despair miserable mi
 worry tragic tragedy broken lonely regret unfortunately decay dread dreary futile loss
 pessimistic melancholy cruel
 """.split())
+# Markers only: sea, ship or treasure would also score answers that merely talk about sailing.
+PIRATE_WORDS = frozenset("""
+arr arrr ahoy matey mateys ye yer aye avast savvy shiver timbers landlubber landlubbers scallywag
+scallywags hearties booty grog plunder buccaneer buccaneers doubloons yo ho
+""".split())
 
 
 def words(reply: str) -> list[str]:
@@ -179,9 +184,15 @@ def sentiment(reply: str) -> float:
     return lexicon_balance(reply, POSITIVE_WORDS, NEGATIVE_WORDS)
 
 
+def pirate(reply: str) -> float:
+    """Pirate-speech markers per 100 words."""
+    return lexicon_balance(reply, PIRATE_WORDS, frozenset())
+
+
 MEASURES: dict[str, Callable[[str], float]] = {
     "words": word_count,
     "upper_share": upper_share,
     "formality": formality,
     "sentiment": sentiment,
+    "pirate": pirate,
 }
