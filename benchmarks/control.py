@@ -46,17 +46,17 @@ class Pair:
 
 # Worded like the training families (length, persona, register, tone), but none is a training prompt. Each side is
 # the candidate wording that moved its attribute most as a system prompt (benchmarks/control_screen.py, training
-# queries). Capital letters are not a pair: the base model does not capitalise when told to, so there is nothing
-# to distil (screen.md).
+# queries; ties go to the first listed). Capital letters are not a pair: the base model does not capitalise when
+# told to, so there is nothing to distil (screen.md).
 PAIRS = [
     Pair("length", "words", "Answer in one brief sentence and stop.",
-         "Write a long, thorough explanation covering every aspect of the question."),
-    Pair("pirate", "pirate", "Speak like a precise modern scientist.",
+         "Explain at great length, with many details and several examples."),
+    Pair("pirate", "pirate", "Use plain, modern, neutral English.",
          "You are a salty old pirate captain. Speak like one."),
-    Pair("formality", "formality", "Be super casual and chatty, like texting your best friend, lol.",
-         "Respond in a formal, courteous and professional manner, as a distinguished butler would."),
-    Pair("sentiment", "sentiment", "Answer in a sad, despairing tone, as if everything is doomed to fail.",
-         "Tone: cheerful and optimistic, delighted by every topic."),
+    Pair("formality", "formality", "Talk like a chill surfer dude texting a buddy: yeah, cool, totally.",
+         "Register: formal business English, precise and impersonal."),
+    Pair("sentiment", "sentiment", "Tone: gloomy and pessimistic, expecting the worst from every topic.",
+         "Answer with happy, upbeat excitement, celebrating how great everything is."),
 ]
 
 
