@@ -79,9 +79,12 @@ def test_id_is_stable_and_tracks_weights(tmp_path, tiny_shapes):
     c = Checkpoint(net, EMB_CFG)
     c.save(tmp_path / "c")
     assert c.id != a.id
-    d = Checkpoint(make_hypernet("t2l-L", tiny_shapes, seed=1), EMB_CFG, card={"x": 1})
+    d = Checkpoint(make_hypernet("t2l-L", tiny_shapes, seed=1), EMB_CFG, trained=True)
     d.save(tmp_path / "d")
     assert d.id != a.id  # the config is part of the id too
+    e = Checkpoint(make_hypernet("t2l-L", tiny_shapes, seed=1), EMB_CFG, card={"note": "edited"})
+    e.save(tmp_path / "e")
+    assert e.id == a.id  # the card is documentation, not part of the id
 
 
 def test_check_base(tiny_checkpoint):

@@ -71,11 +71,15 @@ class Checkpoint:
 
 
 def _fingerprint(folder: Path) -> str:
+    """What identifies the adapters a checkpoint makes: its weights and config, but not the card,
+    so editing the card's notes keeps the id (and the adapter cache keyed by it)."""
     h = hashlib.sha256()
-    for name in (CONFIG, WEIGHTS):
-        with open(folder / name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+    meta = json.loads((folder / CONFIG).read_text())
+    meta.pop("card", None)
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    with open(folder / WEIGHTS, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
     return h.hexdigest()[:16]
 
 
