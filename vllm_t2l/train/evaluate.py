@@ -154,7 +154,8 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 def _checkpoint_info(path: str, gen: Generator) -> dict:
     return {"path": path, "id": gen.id, "arch": gen.checkpoint.config.arch,
-            "params": sum(p.numel() for p in gen.checkpoint.hypernet.parameters())}
+            "params": sum(p.numel() for p in gen.checkpoint.hypernet.parameters()),
+            "steps": gen.checkpoint.card.get("steps")}
 
 
 def _generated_setup(gen: Generator, samples: list[teacher.Sample], folder: Path, base_name: str):
@@ -178,6 +179,10 @@ def write_report(result: dict, out: Path) -> None:
                          f"({v['n_checked']}) | {v['n']} |")
         lines.append("")
     lines.append(f"Context tokens saved per request: {result['context_tokens_saved_per_request']:.1f}")
+    if checkpoints := result.get("checkpoints"):
+        lines += ["", "| hypernetwork setup | checkpoint | id | steps |", "|---|---|---|---|"]
+        lines += [f"| {name} | `{c['path']}` | {c['id']} | {c.get('steps') or '?'} |"
+                  for name, c in checkpoints.items()]
     (out / "quality.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
