@@ -1,0 +1,22 @@
+from vllm_t2l.train.evaluate import write_report
+
+
+def _row(kl: float, gap: float) -> dict:
+    return {"kl": kl, "gap_closed": gap, "compliance": 0.0, "n_checked": 2, "n": 4}
+
+
+def test_report_names_every_checkpoint(tmp_path):
+    result = {
+        "all": {"base (no prompt)": _row(0.12, 0.0), "generated adapter": _row(0.06, 0.5),
+                "generated adapter, t2l-L (4.57M)": _row(0.07, 0.4)},
+        "context_tokens_saved_per_request": 11.4,
+        "checkpoint": {"arch": "zhyper-diag", "params": 1000},
+        "checkpoints": {"generated adapter": {"path": "a/ckpt", "id": "abc", "steps": 700},
+                        "generated adapter, t2l-L (4.57M)": {"path": "b/ckpt", "id": "def"}},
+    }
+    write_report(result, tmp_path)
+    md = (tmp_path / "quality.md").read_text()
+    assert "| generated adapter | 0.0600 | 50.0% |" in md
+    assert "| generated adapter | `a/ckpt` | abc | 700 |" in md
+    assert "| generated adapter, t2l-L (4.57M) | `b/ckpt` | def | ? |" in md
+    assert (tmp_path / "quality.png").exists()
