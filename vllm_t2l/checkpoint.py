@@ -66,18 +66,16 @@ class Checkpoint:
                 "base": self.base.to_dict(), "embedder": self.embedder.to_dict(),
                 "trained": self.trained, "card": self.card}
         (folder / CONFIG).write_text(json.dumps(meta, indent=2))
-        self.id = _fingerprint(folder)
+        self.id = _fingerprint(meta, folder / WEIGHTS)
         return folder
 
 
-def _fingerprint(folder: Path) -> str:
+def _fingerprint(meta: dict, weights: Path) -> str:
     """What identifies the adapters a checkpoint makes: its weights and config, but not the card,
     so editing the card's notes keeps the id (and the adapter cache keyed by it)."""
     h = hashlib.sha256()
-    meta = json.loads((folder / CONFIG).read_text())
-    meta.pop("card", None)
-    h.update(json.dumps(meta, sort_keys=True).encode())
-    with open(folder / WEIGHTS, "rb") as f:
+    h.update(json.dumps({k: v for k, v in meta.items() if k != "card"}, sort_keys=True).encode())
+    with open(weights, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:16]
@@ -119,7 +117,7 @@ def load(folder: str | Path, device: str = "cpu") -> Checkpoint:
     net = HyperNet(config, shapes)
     _load_state(net, state, str(folder / WEIGHTS))
     ckpt = Checkpoint(net.to(device).eval(), embedder, bool(meta.get("trained")), meta.get("card", {}))
-    ckpt.id = _fingerprint(folder)
+    ckpt.id = _fingerprint(meta, folder / WEIGHTS)
     return ckpt
 
 
