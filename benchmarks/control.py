@@ -111,6 +111,18 @@ def summarise(rows: list[dict]) -> dict:
             "ppl": math.exp(sum(r["nll"] for r in rows) / tokens) if tokens else float("nan")}
 
 
+def spread(items: list[str], n: int) -> list[str]:
+    """``n`` items taken evenly over the list, so every part of the split is represented."""
+    return items[:: max(1, len(items) // n)][:n]
+
+
+def check_unseen(descriptions: list[str]) -> None:
+    """Refuse wordings that are training prompts: the curves must show generalisation."""
+    trained = {d for p in data.load_prompts() for d in p["descriptions"]}
+    if clash := [d for d in descriptions if d in trained]:
+        raise SystemExit(f"these descriptions are in the training data: {clash}")
+
+
 def pick_grid(points: int) -> list[float]:
     """``points`` values spread over GRID, always with the endpoints 0 and 1."""
     idx = {round(i * (len(GRID) - 1) / max(1, points - 1)) for i in range(points)}
@@ -133,11 +145,8 @@ def main() -> None:
         return
     started = time.time()
     pairs, grid = PAIRS[: args.pairs], pick_grid(args.points)
-    trained = {d for p in data.load_prompts() for d in p["descriptions"]}
-    if clash := [d for p in pairs for d in (p.a, p.b) if d in trained]:
-        raise SystemExit(f"these descriptions are in the training data: {clash}")
-    held = [q["text"] for q in data.load_queries() if q["split"] != "train"]
-    queries = held[:: max(1, len(held) // args.queries)][: args.queries]
+    check_unseen([d for p in pairs for d in (p.a, p.b)])
+    queries = spread([q["text"] for q in data.load_queries() if q["split"] != "train"], args.queries)
 
     model_dir = prepare_default_model()
     gen = Generator.load(args.checkpoint)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from benchmarks import report
+from benchmarks.control import check_unseen, spread
 from vllm_t2l.models import prepare_default_model
 from vllm_t2l.train import data
 from vllm_t2l.train.checks import MEASURES
@@ -61,12 +63,9 @@ def main() -> None:
 
     from vllm_t2l.serving.offline import answer
 
-    trained = {d for p in data.load_prompts() for d in p["descriptions"]}
-    train_queries = [q["text"] for q in data.load_queries() if q["split"] == "train"]
-    queries = train_queries[:: max(1, len(train_queries) // args.queries)][: args.queries]
+    queries = spread([q["text"] for q in data.load_queries() if q["split"] == "train"], args.queries)
     wordings = [(m, side, d) for m, sides in CANDIDATES.items() for side, ds in sides.items() for d in ds]
-    if clash := [d for *_, d in wordings if d in trained]:
-        raise SystemExit(f"these candidates are in the training data: {clash}")
+    check_unseen([d for *_, d in wordings])
     wordings.append(("base", "-", ""))
     model_dir = prepare_default_model()
     convs = [([{"role": "system", "content": d}] if d else []) + [{"role": "user", "content": q}]
@@ -74,19 +73,21 @@ def main() -> None:
     outs = answer(model_dir, convs, args.max_tokens, 1)
     tok = AutoTokenizer.from_pretrained(model_dir)
     texts = [tok.decode(o.token_ids, skip_special_tokens=True) for o in outs]
-    lines = ["# Which wordings does the base model follow? (`python -m benchmarks.control_screen`)", "",
-             f"Base model with each wording as its system prompt, {len(queries)} training queries, greedy, at most "
-             f"{args.max_tokens} tokens; mean of every measure. A side is the low end of its measure, B the high end.",
-             "", "| measure | side | " + " | ".join(MEASURES) + " | wording |",
-             "|---|---|" + "---|" * (len(MEASURES) + 1)]
+    rows = []
     for i, (m, side, d) in enumerate(wordings):
-        rows = texts[i * len(queries):(i + 1) * len(queries)]
-        means = [sum(fn(t) for t in rows) / len(rows) for fn in MEASURES.values()]
-        lines.append(f"| {m} | {side} | " + " | ".join(f"{v:.3g}" for v in means) + f" | {d or '(none)'} |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "screen.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        replies = texts[i * len(queries):(i + 1) * len(queries)]
+        means = {name: sum(fn(t) for t in replies) / len(replies) for name, fn in MEASURES.items()}
+        rows.append({"measure": m, "side": side, "wording": d, "means": means})
+    md = "\n".join([
+        "# Which wordings does the base model follow? (`python -m benchmarks.control_screen`)", "",
+        f"Base model with each wording as its system prompt, {len(queries)} training queries, greedy, at most "
+        f"{args.max_tokens} tokens; mean of every measure. A side is the low end of its measure, B the high end.", "",
+        *report.table(["measure", "side", *MEASURES, "wording"],
+                      [(r["measure"], r["side"], *(f"{v:.3g}" for v in r["means"].values()), r["wording"] or "(none)")
+                       for r in rows])])
+    report.write(Path(args.out), "screen", md, {"context": report.context("benchmarks.control_screen"),
+                                                "queries": queries, "max_tokens": args.max_tokens, "rows": rows})
+    print(md)
 
 
 if __name__ == "__main__":
