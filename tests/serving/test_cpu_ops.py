@@ -50,7 +50,7 @@ def _seed():
 @pytest.fixture(autouse=True, params=["dense", "grouped"])
 def path(request, monkeypatch):
     """Every op test runs on both paths: one product over all slots, and one per slot."""
-    monkeypatch.setattr(cpu_ops, "_use_dense", lambda plan, slots: request.param == "dense")
+    monkeypatch.setattr(cpu_ops, "_use_dense", lambda *_: request.param == "dense")
     return request.param
 
 
@@ -304,9 +304,14 @@ def test_install_patches_every_reference_and_is_idempotent(clean_install):
     _assert_ops(cpu_ops.GROUPED_OPS)
     assert cpu_ops.install() is True  # second call: no double wrapping
     _assert_ops(cpu_ops.GROUPED_OPS)
-    assert cpu_ops._originals == REF
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    original_linear = cpu_ops._originals["add_lora_linear"]
+    assert {k: v for k, v in cpu_ops._originals.items() if k in REF} == REF
+    assert PunicaWrapperCPU.add_lora_linear is cpu_ops.add_lora_linear
     cpu_ops.uninstall()
     _assert_ops(REF)
+    assert PunicaWrapperCPU.add_lora_linear is original_linear
     # The grouped module itself is never rebound (its sgmv ops call its bgmv ops).
     assert all(getattr(cpu_ops, name) is fn for name, fn in cpu_ops.GROUPED_OPS.items())
 
@@ -371,3 +376,43 @@ def test_punica_cpu_wrapper_end_to_end(clean_install, is_prefill):
     torch.testing.assert_close(out.double(), want, **TOL[torch.float32])
     adapter = [t for t, s in enumerate(slots) if s >= 0]
     torch.testing.assert_close(out[adapter], upstream_out[adapter])
+
+
+@pytest.mark.parametrize("is_prefill", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@_cases({**NO_MINUS_ONE, **WITH_MINUS_ONE})
+def test_fused_linear_matches_dense(clean_install, is_prefill, dtype, mapping):
+    """The fused add_lora_linear (one shrink, one expand for all slices) on a q/k/v-like layer whose
+    middle slice no adapter targets, then after an adapter is loaded into that slice in place."""
+    if not current_platform.is_cpu():
+        pytest.skip("not on the CPU platform")
+    from vllm.lora.layers import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    assert cpu_ops.install() is True
+    lora_ids = [11, 12, 13, 14]
+    tokens = tuple(lora_ids[s] if s >= 0 else 0 for s in mapping)
+    wrapper = PunicaWrapperCPU(64, len(mapping), device="cpu")  # room for one sequence per token
+    wrapper.update_metadata(LoRAMapping(tokens, tokens, is_prefill=is_prefill), lora_ids, SLOTS, vocab_size=100)
+    widths = (OUT, OUT // 2, OUT // 2)
+    a = tuple(_weights(RANK, HIDDEN, dtype) for _ in widths)
+    b = tuple(_weights(w, RANK, dtype) for w in widths)
+    a[1].zero_()
+    b[1].zero_()
+    x = torch.randn(len(mapping), HIDDEN).to(dtype)
+    y = torch.randn(len(mapping), sum(widths)).to(dtype)
+
+    def want():
+        out = y.double().clone()
+        for t, s in enumerate(mapping):
+            if s >= 0:
+                out[t] += torch.cat([0.5 * x[t].double() @ a_i[s, 0].double().T @ b_i[s, 0].double().T
+                                     for a_i, b_i in zip(a, b)])
+        return out
+
+    for _ in range(2):  # before and after a load into the untargeted slice
+        got = y.clone()
+        wrapper.add_lora_linear(got, x, a, b, 0.5, widths)
+        torch.testing.assert_close(got.double(), want(), **TOL[dtype])
+        a[1][2, 0].copy_(torch.randn(RANK, HIDDEN).to(dtype))
+        b[1][2, 0].copy_(torch.randn(OUT // 2, RANK).to(dtype))

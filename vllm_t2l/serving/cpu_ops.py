@@ -20,6 +20,9 @@ LoRA lm_head (``add_lora_logits``, indexed per request by ``sampler_indices``) a
 (``add_lora_embedding``; there vLLM maps -1 rows to slot 0's A rows, and only the expand op,
 fixed here, keeps that from reaching the output).
 
+``add_lora_linear`` replaces ``PunicaWrapperCPU.add_lora_linear``, which runs a shrink and an expand per
+slice of a fused layer (six op calls for q/k/v); it runs the targeted slices as one adapter instead.
+
 ``install()`` patches vLLM with them, only for vLLM releases verified here (``vllm.__version__``),
 only on the CPU platform, and only once. Set ``VLLM_T2L_CPU_OPS=0`` to disable it (for example to
 compare against upstream behaviour).
@@ -113,14 +116,14 @@ def _plan(indices: torch.Tensor) -> _Plan:
     return plan
 
 
-def _use_dense(plan: _Plan, slots_total: int) -> bool:
+def _use_dense(plan: _Plan, slots_total: int, rank: int) -> bool:
     """Small batches with several adapters: one product over all slots beats a product per slot
     on 2 threads (benchmarks/results/cpu_lora_ops.md); one adapter, or many tokens: group."""
-    return len(plan.slots) > 1 and plan.indices.numel() * slots_total <= DENSE_MAX
+    return len(plan.slots) > 1 and plan.indices.numel() * slots_total * rank <= DENSE_MAX
 
 
-# At most this many (tokens x adapter slots) for the dense path.
-DENSE_MAX = 1024
+# At most this many (tokens x adapter slots x rank) for the dense path.
+DENSE_MAX = 8192
 
 
 def _dense_matmul(x: torch.Tensor, w_flat: torch.Tensor, plan: _Plan, slots: int, shrink: bool) -> torch.Tensor:
@@ -180,7 +183,7 @@ def _expand(inputs, weights, out, indices, add_inputs, width=None):
     dtype = _compute_dtype(out)
     stacked = _stacked(weights)[:, :width]
     plan = _plan(indices)
-    if inputs.shape[0] == indices.numel() and _use_dense(plan, stacked.shape[0]):
+    if inputs.shape[0] == indices.numel() and _use_dense(plan, stacked.shape[0], stacked.shape[2]):
         slots, n_out, rank = stacked.shape
         w_flat = _cached(weights, f"expand{width}{dtype}",
                          lambda: stacked.transpose(1, 2).reshape(slots * rank, n_out).to(dtype))
@@ -216,7 +219,7 @@ def bgmv_shrink(
         return
     dtype = _compute_dtype(out)
     plan = _plan(lora_indices_tensor)
-    if inputs.shape[0] == lora_indices_tensor.numel() and _use_dense(plan, weights.shape[0]):
+    if inputs.shape[0] == lora_indices_tensor.numel() and _use_dense(plan, weights.shape[0], weights.shape[1]):
         slots, rank, n_in = weights.shape
         w_flat = _cached(lora_b_weights, f"shrink{dtype}", lambda: weights.reshape(slots * rank, n_in).T.to(dtype))
         out.copy_(_dense_matmul(inputs.to(dtype), w_flat, plan, slots, shrink=True).mul_(scaling))
@@ -314,6 +317,65 @@ def sgmv_expand_slice(
                       add_inputs)
 
 
+def _fused_weights(lora_a_stacked: tuple[torch.Tensor, ...], lora_b_stacked: tuple[torch.Tensor, ...],
+                   output_slices: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One layer's slices as one adapter: A of every targeted slice stacked on the rank axis
+    (``[slots, n*r, in]``) and a block-diagonal B mapping each rank block to its output columns
+    (``[slots, sum(output_slices), n*r]``). Slices no adapter targets are left out. ``None``
+    when no slice is targeted. Memoised on the first A tensor until vLLM writes into any of them.
+    """
+    tensors = (*lora_a_stacked, *lora_b_stacked)
+    try:
+        versions = tuple(t._version for t in tensors)
+    except RuntimeError:
+        versions = None
+    memo = getattr(lora_a_stacked[0], "_vllm_t2l_fused", None)
+    if versions is not None and memo is not None and memo[0] == versions:
+        return memo[1]
+    keep = [i for i, a in enumerate(lora_a_stacked) if not _all_zero(a)]
+    fused = None
+    if keep:
+        a_all = [_stacked(lora_a_stacked[i]) for i in keep]
+        b_all = [_stacked(lora_b_stacked[i]) for i in keep]
+        slots, rank = a_all[0].shape[0], a_all[0].shape[1]
+        dtype = torch.promote_types(a_all[0].dtype, torch.float32)
+        a = torch.cat(a_all, dim=1).to(dtype)
+        b = a.new_zeros(slots, sum(output_slices), rank * len(keep))
+        offsets = [sum(output_slices[:i]) for i in range(len(output_slices))]
+        for j, (i, b_i) in enumerate(zip(keep, b_all)):
+            width = min(output_slices[i], b_i.shape[1])
+            b[:, offsets[i]: offsets[i] + width, j * rank: (j + 1) * rank] = b_i[:, :width]
+        fused = (a, b)
+    if versions is not None:
+        lora_a_stacked[0]._vllm_t2l_fused = (versions, fused)
+    return fused
+
+
+def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
+                    lora_b_stacked: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...],
+                    *, buffer=None, **kwargs) -> None:
+    """``PunicaWrapperCPU.add_lora_linear`` in two op calls instead of two per slice.
+
+    vLLM shrinks and expands each slice of a fused layer (q, k, v) separately: six op calls per
+    layer, mostly per-call overhead on CPU. Here the targeted slices' A and B form one adapter of
+    rank ``n*r`` (B block-diagonal), so one shrink and one expand write the whole output, and an
+    untargeted slice (k when adapters target q and v) costs nothing. ``buffer`` is not needed.
+    """
+    indices = self.token_lora_indices
+    x2 = x.view(-1, x.shape[-1])
+    y2 = y.view(-1, y.shape[-1])
+    if x2.shape[0] != indices.numel() or y2.shape[1] != sum(output_slices):
+        return _originals["add_lora_linear"](self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
+                                             buffer=buffer, **kwargs)
+    fused = _fused_weights(lora_a_stacked, lora_b_stacked, output_slices)
+    if fused is None:
+        return
+    a, b = fused
+    h = torch.empty(x2.shape[0], a.shape[1], dtype=torch.float32)
+    bgmv_shrink(x2, a, h, indices, scale)
+    bgmv_expand(h, b, y2, indices, add_inputs=True)
+
+
 GROUPED_OPS = {f.__name__: f for f in (bgmv_shrink, bgmv_expand, bgmv_expand_slice,
                                        sgmv_shrink, sgmv_expand, sgmv_expand_slice)}
 
@@ -376,6 +438,9 @@ def install() -> bool:
             return False
     _swap({id(originals[name]): GROUPED_OPS[name] for name in GROUPED_OPS})
     _originals.update(originals)
+    wrapper = importlib.import_module(PATCH_MODULES[2]).PunicaWrapperCPU
+    _originals["add_lora_linear"] = wrapper.add_lora_linear
+    wrapper.add_lora_linear = add_lora_linear
     logger.info("vllm_t2l: installed grouped CPU LoRA ops (-1 = no adapter); %s=0 disables",
                 ENV_VAR)
     return True
@@ -384,5 +449,6 @@ def install() -> bool:
 def uninstall() -> None:
     """Restore vLLM's original ops (for tests and A/B comparisons)."""
     if _originals:
+        importlib.import_module(PATCH_MODULES[2]).PunicaWrapperCPU.add_lora_linear = _originals.pop("add_lora_linear")
         _swap({id(GROUPED_OPS[name]): original for name, original in _originals.items()})
         _originals.clear()
