@@ -55,7 +55,7 @@ PATCH_MODULES = (
     "vllm.lora.punica_wrapper.punica_cpu",
 )
 
-_originals: dict[str, object] = {}  # op name -> vLLM's function, filled by install()
+_originals: dict[str, object] = {}  # op name (and "add_lora_linear") -> vLLM's function, filled by install()
 
 
 def _cached(weights: torch.Tensor, key: str, make):
