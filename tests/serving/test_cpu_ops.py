@@ -416,3 +416,44 @@ def test_fused_linear_matches_dense(clean_install, is_prefill, dtype, mapping):
         torch.testing.assert_close(got.double(), want(), **TOL[dtype])
         a[1][2, 0].copy_(torch.randn(RANK, HIDDEN).to(dtype))
         b[1][2, 0].copy_(torch.randn(OUT // 2, RANK).to(dtype))
+
+
+def test_inference_mode_weights_are_memoised_until_vllm_loads_an_adapter(clean_install):
+    """vLLM's stacked LoRA tensors are inference tensors (no version counter): the memo must hold across
+    calls and be dropped when LoRAModelManager.activate_adapter writes into a slot."""
+    if not current_platform.is_cpu():
+        pytest.skip("not on the CPU platform")
+    from vllm.lora.layers import LoRAMapping
+    from vllm.lora.model_manager import LoRAModelManager
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    assert cpu_ops.install() is True
+    calls = []
+    counted = cpu_ops._count_loads(lambda self, lora_id: calls.append(lora_id) or lora_id == 12)
+    mapping = [0, 1, -1, 1]
+    tokens = tuple(s + 11 if s >= 0 else 0 for s in mapping)
+    wrapper = PunicaWrapperCPU(64, len(mapping), device="cpu")
+    wrapper.update_metadata(LoRAMapping(tokens, tokens, is_prefill=False), [11, 12, 13, 14], SLOTS, vocab_size=100)
+    with torch.inference_mode():
+        a = (_weights(RANK, HIDDEN, torch.float32),)
+        b = (_weights(OUT, RANK, torch.float32),)
+        x, y = torch.randn(len(mapping), HIDDEN), torch.zeros(len(mapping), OUT)
+        first = y.clone()
+        wrapper.add_lora_linear(first, x, a, b, 1.0, (OUT,))
+        assert a[0]._vllm_t2l_fused[1] is cpu_ops._fused_weights(a, b, (OUT,))  # memoised
+        b[0][1].mul_(2)  # a write that did not go through activate_adapter: not seen
+        stale = y.clone()
+        wrapper.add_lora_linear(stale, x, a, b, 1.0, (OUT,))
+        torch.testing.assert_close(stale, first)
+        assert counted(None, 11) is False  # already active: nothing written, the memo stays
+        stale = y.clone()
+        wrapper.add_lora_linear(stale, x, a, b, 1.0, (OUT,))
+        torch.testing.assert_close(stale, first)
+        assert counted(None, 12) is True and calls == [11, 12]  # a slot written: the memo goes
+        fresh = y.clone()
+        wrapper.add_lora_linear(fresh, x, a, b, 1.0, (OUT,))
+    torch.testing.assert_close(fresh[[1, 3]], 2 * first[[1, 3]])
+    torch.testing.assert_close(fresh[0], first[0])
+    assert LoRAModelManager.activate_adapter.__qualname__.endswith("counted")
+    cpu_ops.uninstall()
+    assert not LoRAModelManager.activate_adapter.__qualname__.endswith("counted")

@@ -55,23 +55,31 @@ PATCH_MODULES = (
     "vllm.lora.punica_wrapper.punica_cpu",
 )
 
-_originals: dict[str, object] = {}  # op name (and "add_lora_linear") -> vLLM's function, filled by install()
+_originals: dict[str, object] = {}  # op (or patched method) name -> vLLM's function, filled by install()
+
+
+_loads = [0]  # adapters vLLM has loaded into slots in this process (see _count_loads)
+
+
+def _contents(weights: torch.Tensor) -> tuple[int, int]:
+    """What identifies the contents of a stacked weight tensor between two writes.
+
+    vLLM writes adapters into slots in place (``stacked[slot].copy_(...)``), which bumps the tensor's
+    version counter. vLLM creates these tensors in inference mode, though, where there is no counter;
+    every such write happens in ``LoRAModelManager.activate_adapter``, which ``install()`` makes count.
+    """
+    try:
+        return _loads[0], weights._version
+    except RuntimeError:
+        return _loads[0], -1
 
 
 def _cached(weights: torch.Tensor, key: str, make):
-    """``make()``, memoised on the stacked weight tensor until vLLM writes into it.
-
-    vLLM loads adapters in place (``stacked[slot].copy_(...)``), which bumps the tensor's version
-    counter, so (version, key) identifies the contents. Tensors without a counter (inference-mode
-    tensors) are not cached.
-    """
-    try:
-        version = weights._version
-    except RuntimeError:
-        return make()
+    """``make()``, memoised on the stacked weight tensor until its contents change."""
+    contents = _contents(weights)
     memo = getattr(weights, "_vllm_t2l_memo", None)
-    if memo is None or memo[0] != version:
-        memo = (version, {})
+    if memo is None or memo[0] != contents:
+        memo = (contents, {})
         weights._vllm_t2l_memo = memo
     if key not in memo[1]:
         memo[1][key] = make()
@@ -118,12 +126,14 @@ def _plan(indices: torch.Tensor) -> _Plan:
 
 def _use_dense(plan: _Plan, slots_total: int, rank: int) -> bool:
     """Small batches with several adapters: one product over all slots beats a product per slot
-    on 2 threads (benchmarks/results/cpu_lora_ops.md); one adapter, or many tokens: group."""
+    (benchmarks/results/cpu_lora_ops.md); one adapter, or many tokens: group. The dense product
+    computes every slot for every token, so its cost counts the rank too. In a server with 16
+    adapters in flight (one thread per worker, fused qkv at rank 16), grouping was faster."""
     return len(plan.slots) > 1 and plan.indices.numel() * slots_total * rank <= DENSE_MAX
 
 
 # At most this many (tokens x adapter slots x rank) for the dense path.
-DENSE_MAX = 8192
+DENSE_MAX = 2048
 
 
 def _dense_matmul(x: torch.Tensor, w_flat: torch.Tensor, plan: _Plan, slots: int, shrink: bool) -> torch.Tensor:
@@ -324,13 +334,9 @@ def _fused_weights(lora_a_stacked: tuple[torch.Tensor, ...], lora_b_stacked: tup
     (``[slots, sum(output_slices), n*r]``). Slices no adapter targets are left out. ``None``
     when no slice is targeted. Memoised on the first A tensor until vLLM writes into any of them.
     """
-    tensors = (*lora_a_stacked, *lora_b_stacked)
-    try:
-        versions = tuple(t._version for t in tensors)
-    except RuntimeError:
-        versions = None
+    versions = tuple(_contents(t) for t in (*lora_a_stacked, *lora_b_stacked))
     memo = getattr(lora_a_stacked[0], "_vllm_t2l_fused", None)
-    if versions is not None and memo is not None and memo[0] == versions:
+    if memo is not None and memo[0] == versions:
         return memo[1]
     keep = [i for i, a in enumerate(lora_a_stacked) if not _all_zero(a)]
     fused = None
@@ -346,8 +352,7 @@ def _fused_weights(lora_a_stacked: tuple[torch.Tensor, ...], lora_b_stacked: tup
             width = min(output_slices[i], b_i.shape[1])
             b[:, offsets[i]: offsets[i] + width, j * rank: (j + 1) * rank] = b_i[:, :width]
         fused = (a, b)
-    if versions is not None:
-        lora_a_stacked[0]._vllm_t2l_fused = (versions, fused)
+    lora_a_stacked[0]._vllm_t2l_fused = (versions, fused)
     return fused
 
 
@@ -374,6 +379,17 @@ def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tupl
     h = torch.empty(x2.shape[0], a.shape[1], dtype=torch.float32)
     bgmv_shrink(x2, a, h, indices, scale)
     bgmv_expand(h, b, y2, indices, add_inputs=True)
+
+
+def _count_loads(activate_adapter):
+    """``activate_adapter`` that also counts loads, so memoised weights are rebuilt after one. vLLM calls it
+    every step for every adapter in the batch; it returns True only when it wrote a slot."""
+    def counted(self, lora_id: int) -> bool:
+        loaded = activate_adapter(self, lora_id)
+        if loaded:
+            _loads[0] += 1
+        return loaded
+    return counted
 
 
 GROUPED_OPS = {f.__name__: f for f in (bgmv_shrink, bgmv_expand, bgmv_expand_slice,
@@ -441,6 +457,9 @@ def install() -> bool:
     wrapper = importlib.import_module(PATCH_MODULES[2]).PunicaWrapperCPU
     _originals["add_lora_linear"] = wrapper.add_lora_linear
     wrapper.add_lora_linear = add_lora_linear
+    manager = importlib.import_module("vllm.lora.model_manager").LoRAModelManager
+    _originals["activate_adapter"] = manager.activate_adapter
+    manager.activate_adapter = _count_loads(manager.activate_adapter)
     logger.info("vllm_t2l: installed grouped CPU LoRA ops (-1 = no adapter); %s=0 disables",
                 ENV_VAR)
     return True
@@ -450,5 +469,7 @@ def uninstall() -> None:
     """Restore vLLM's original ops (for tests and A/B comparisons)."""
     if _originals:
         importlib.import_module(PATCH_MODULES[2]).PunicaWrapperCPU.add_lora_linear = _originals.pop("add_lora_linear")
+        importlib.import_module("vllm.lora.model_manager").LoRAModelManager.activate_adapter = _originals.pop(
+            "activate_adapter")
         _swap({id(GROUPED_OPS[name]): original for name, original in _originals.items()})
         _originals.clear()
