@@ -137,24 +137,27 @@ def main() -> None:
     parser.add_argument("--descriptions", type=int, default=30, help="never-seen descriptions measured")
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--out", type=Path, default=report.RESULTS)
+    parser.add_argument("--checkpoint", help="serve this checkpoint (default: the embedded one)")
     parser.add_argument("server_args", nargs="*", help="extra flags for `vllm-t2l serve` (after --)")
     args = parser.parse_args()
     descs = descriptions(args.descriptions + WARMUP)
     with tempfile.TemporaryDirectory(prefix="t2l-cold-") as tmp:
         fs_root = Path(tmp) / "fs"
         fs_root.mkdir()
-        flags = ["--cache-dir", str(Path(tmp) / "t2l"), "--no-enable-prefix-caching", *args.server_args]
+        ours = ["--checkpoint", args.checkpoint] if args.checkpoint else []
+        flags = ["--cache-dir", str(Path(tmp) / "t2l"), "--no-enable-prefix-caching", *ours, *args.server_args]
         env = {"VLLM_LORA_RESOLVER_CACHE_DIR": str(fs_root), "VLLM_PLUGINS": "vllm_t2l,lora_filesystem_resolver"}
         server = ServerProcess(flags, Path(tmp) / "server.log", env)
         try:
             with server:
                 # the filesystem resolver only accepts folders written for the served model's name
-                write_adapters({f"fs-{i}": d for i, d in enumerate(descs)}, fs_root, base_model_name(server))
+                write_adapters({f"fs-{i}": d for i, d in enumerate(descs)}, fs_root, base_model_name(server),
+                               checkpoint=args.checkpoint)
                 rows = asyncio.run(measure(server, descs, args.max_tokens))
         finally:
             keep_log(server, args.out, "cold_miss")
     s = summarise(rows)
-    shown_flags = ["--no-enable-prefix-caching", *args.server_args]
+    shown_flags = ["--no-enable-prefix-caching", *ours, *args.server_args]
     ctx = report.context("benchmarks.cold_miss")
     path = report.write(args.out, "cold_miss", markdown(s, ctx, len(rows), shown_flags),
                         {"context": ctx, "server_flags": shown_flags, "summary_ms": s, "rows_s": rows})

@@ -1,14 +1,18 @@
 """Control curves: sweep the mix weight between two opposite descriptions and measure what moves.
 
     python -m benchmarks.control [--checkpoint DIR] [--pairs 4] [--queries 24] [--points 13] [--max-tokens 64]
+                                 [--samples 2] [--temperature 0.7]
 
 For each pair (A, B) and w in -0.25 .. 1.25 (step 0.125) the adapter is the mix (1-w)*A + w*B, in weight
 space (`t2l-mix[weight]:`) and in description space (`t2l-mix[emb]:`). vLLM's offline engine answers
-held-out queries greedily with every adapter, and with the references that do not depend on w: the base
-model, and the base model with each description as its system prompt. Per point it records every pair's
-attribute (entanglement), and fluency as perplexity of the answer under the base model given the
-chat-formatted query without a system prompt. Writes benchmarks/results/control/control.{md,json,png};
-adapters and answers go to runs/control/.
+held-out queries with every adapter, and with the references that do not depend on w: the base
+model, and the base model with each description as its system prompt. Answers are sampled, several per
+query, with seeds that depend only on (query, sample), never on w: every point of a sweep draws the same
+random numbers (common random numbers), so the curve shows how the expected attribute moves with w, not
+sampling noise. A single greedy answer per query (--temperature 0) turns each query into a step function.
+Per point it records every pair's attribute (entanglement), and fluency as perplexity of the answer under
+the base model given the chat-formatted query without a system prompt. Writes
+benchmarks/results/control/control.{md,json,png}; adapters and answers go to runs/control/.
 """
 
 from __future__ import annotations
@@ -136,6 +140,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=24, help="held-out queries, spread over the split")
     parser.add_argument("--points", type=int, default=len(GRID), help="weights taken from the 13-point grid")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=2, help="answers per query and point (sampled)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="0: one greedy answer per query")
     parser.add_argument("--out", default="benchmarks/results/control")
     parser.add_argument("--work", default="runs/control")
     parser.add_argument("--report", metavar="JSON", help="only rewrite the tables and plot from a control.json")
@@ -164,24 +170,28 @@ def main() -> None:
     t_adapters = time.time() - started
 
     refs = {"base": None, **{f"system {which}: {p.name}": d for p in pairs for which, d in (("A", p.a), ("B", p.b))}}
-    jobs = [(("point", i), [{"role": "user", "content": q}], f) for i, f in enumerate(folders) for q in queries]
+    greedy = args.temperature == 0
+    draws = [(q, 1000 * k + i) for k in range(1 if greedy else args.samples) for i, q in enumerate(queries)]
+    jobs = [(("point", i), [{"role": "user", "content": q}], f, seed)
+            for i, f in enumerate(folders) for q, seed in draws]
     for name, system in refs.items():
         head = [{"role": "system", "content": system}] if system else []
-        jobs += [(("ref", name), head + [{"role": "user", "content": q}], None) for q in queries]
+        jobs += [(("ref", name), head + [{"role": "user", "content": q}], None, seed) for q, seed in draws]
     from vllm_t2l.serving.offline import answer
 
     t0 = time.time()
-    outs = answer(model_dir, [c for _, c, _ in jobs], args.max_tokens, 1, adapters=[f for _, _, f in jobs])
+    outs = answer(model_dir, [j[1] for j in jobs], args.max_tokens, 1, adapters=[j[2] for j in jobs],
+                  seeds=None if greedy else [j[3] for j in jobs], temperature=args.temperature)
     t_vllm = time.time() - t0
 
     t0 = time.time()
     student = Student(model_dir, ())
-    prompts = [student.prompt_ids(c[-1]["content"]) for _, c, _ in jobs]  # no system prompt, as the base sees it
+    prompts = [student.prompt_ids(j[1][-1]["content"]) for j in jobs]  # no system prompt, as the base sees it
     nll = answer_nll(student, prompts, [o.token_ids for o in outs])
     t_ppl = time.time() - t0
     rows: dict[tuple, list[dict]] = {}
     answers = []
-    for (key, conv, _), o, (s, n) in zip(jobs, outs, nll):
+    for (key, conv, *_), o, (s, n) in zip(jobs, outs, nll):
         text = student.tokenizer.decode(o.token_ids, skip_special_tokens=True)
         rows.setdefault(key, []).append({**{m: fn(text) for m, fn in MEASURES.items()}, "nll": s, "tokens": n})
         answers.append({"key": list(key), "query": conv[-1]["content"], "answer": text})
@@ -191,6 +201,7 @@ def main() -> None:
     result = {
         "checkpoint": {"path": args.checkpoint, "id": gen.id, "arch": gen.checkpoint.config.arch},
         "queries": queries, "max_tokens": args.max_tokens, "grid": grid,
+        "samples": 1 if greedy else args.samples, "temperature": args.temperature,
         "pairs": [vars(p) for p in pairs],
         "adapter_distance": distance,  # ||dW_B - dW_A|| / ||dW_A|| over all layers and modules
         "references": {name: {"mean": summarise(rows[("ref", name)]), "per_query": rows[("ref", name)]}
@@ -222,7 +233,7 @@ def curve(result: dict, pair: str, mode: str, key: str, inside: bool = False) ->
 
 
 def changed(result: dict, pair: Pair, mode: str) -> int:
-    """Queries whose answer at w=1 differs from the one at w=0 (a different likelihood means other tokens)."""
+    """(query, sample) draws whose answer at w=1 differs from the one at w=0 (a different likelihood: other tokens)."""
     ends = [next(p for p in result["points"] if p["pair"] == pair.name and p["mode"] == mode and p["w"] == w)
             for w in (0.0, 1.0)]
     return sum((a["nll"], a["tokens"]) != (b["nll"], b["tokens"])
@@ -250,9 +261,12 @@ def summary(result: dict, pairs: list[Pair]) -> dict:
 def write_report(result: dict, pairs: list[Pair], out: Path) -> None:
     refs, summ = result["references"], result["summary"]
     ck = result["checkpoint"]
+    temp, samples = result.get("temperature", 0.0), result.get("samples", 1)
+    how = ("greedy" if temp == 0 else f"{samples} answers each, sampled at temperature {temp:g} with seeds shared "
+           "by every w (common random numbers)")
     lines = [f"# Control curves ({ck['arch']} checkpoint {ck['id'][:12]})", "",
-             f"{len(result['queries'])} held-out queries, greedy, at most {result['max_tokens']} tokens. Adapter = "
-             "(1-w)·A + w·B. Attribute: mean over the queries. Spearman: attribute vs w over the points in "
+             f"{len(result['queries'])} held-out queries, {how}, at most {result['max_tokens']} tokens. Adapter = "
+             "(1-w)·A + w·B. Attribute: mean over the answers. Spearman: attribute vs w over the points in "
              "[0, 1]. ppl ratio: highest perplexity on [0, 1] / the higher of the two endpoints (perplexity of "
              "the answers under the base model given the query, no system prompt). Bar (issue 4): weight space, "
              f"Spearman ≥ {SPEARMAN_BAR} and ppl ratio ≤ {PPL_BAR}.", "",
@@ -265,7 +279,8 @@ def write_report(result: dict, pairs: list[Pair], out: Path) -> None:
             s = summ[f"{p.name}/{mode}"]
             lines.append(f"| {p.name} ({p.measure}) | {mode} | {ys[ws.index(0.0)]:.3g} | {ys[ws.index(1.0)]:.3g} | "
                          f"{a:.3g} | {b:.3g} | {s['attributes'][p.name]['spearman']:.2f} | {s['ppl_ratio']:.2f} | "
-                         f"{s['answers_changed']}/{len(result['queries'])} | {'met' if s['bar_met'] else 'not met'} |")
+                         f"{s['answers_changed']}/{len(result['queries']) * samples} | "
+                         f"{'met' if s['bar_met'] else 'not met'} |")
     lines += ["", "Descriptions (A → B), and how far apart their adapters are (||dW_B - dW_A|| / ||dW_A||):", ""]
     dist = result.get("adapter_distance", {})
     lines += [f"- {p.name}: A = “{p.a}” B = “{p.b}”" + (f" (distance {dist[p.name]:.2f})" if p.name in dist else "")

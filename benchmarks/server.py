@@ -139,14 +139,15 @@ def long_descriptions(n: int, tokens: int, tokenizer_path: str | Path) -> list[s
     return out
 
 
-def write_adapters(adapters: dict[str, str], root: Path, base_model: str, batch: int = 64) -> dict[str, Path]:
+def write_adapters(adapters: dict[str, str], root: Path, base_model: str, batch: int = 64,
+                   checkpoint: str | Path | None = None) -> dict[str, Path]:
     """``{name: description}`` -> PEFT folders ``root/<name>``, as `vllm-t2l generate` writes them, with the
-    embedded checkpoint (the server's default)."""
+    server's checkpoint (default: the embedded one)."""
     from vllm_t2l.generator import Generator
     from vllm_t2l.models import DEFAULT_CHECKPOINT
     from vllm_t2l.names import spec_from_parts
 
-    gen = Generator.load(DEFAULT_CHECKPOINT)
+    gen = Generator.load(checkpoint or DEFAULT_CHECKPOINT)
     items = list(adapters.items())
     paths = {}
     for start in range(0, len(items), batch):

@@ -12,7 +12,7 @@ from vllm_t2l.checkpoint import Checkpoint
 from vllm_t2l.embed import EmbedderConfig
 from vllm_t2l.hypernet import BaseShapes, HyperConfig, HyperNet
 from vllm_t2l.launch import ServerProcess
-from vllm_t2l.models import DEFAULT_EMBEDDER_NAME
+from vllm_t2l.models import DEFAULT_EMBEDDER_NAME, STATIC_EMBEDDER_NAME
 
 TINY_CONFIG = {  # a Llama-style config.json small enough for fast tests
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
@@ -95,6 +95,15 @@ def minilm():
     from vllm_t2l.models import default_embedder_path
 
     return Embedder(EmbedderConfig(name=DEFAULT_EMBEDDER_NAME, dim=384), str(default_embedder_path()))
+
+
+@pytest.fixture(scope="session")
+def static_minilm():
+    """The static embedder distilled from it by `vllm-t2l prepare` (distilled here if setup has not)."""
+    from vllm_t2l.embed import Embedder
+    from vllm_t2l.models import prepare_static_embedder
+
+    return Embedder(EmbedderConfig(name=STATIC_EMBEDDER_NAME, dim=384), str(prepare_static_embedder()))
 
 
 @pytest.fixture

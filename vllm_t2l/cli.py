@@ -68,10 +68,11 @@ def cmd_serve(ns: argparse.Namespace, rest: list[str]) -> None:
 
 
 def cmd_prepare(ns: argparse.Namespace) -> None:
-    from vllm_t2l.models import default_embedder_path, prepare_default_model
+    from vllm_t2l.models import default_embedder_path, prepare_default_model, prepare_static_embedder
 
-    print(f"model:    {prepare_default_model()}")
-    print(f"embedder: {default_embedder_path()}")
+    print(f"model:           {prepare_default_model()}")
+    print(f"embedder:        {default_embedder_path()}")
+    print(f"static embedder: {prepare_static_embedder()}")
 
 
 def cmd_generate(ns: argparse.Namespace) -> None:
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--catalog", help="JSON file {name: description} for t2l:@name")
     p.add_argument("--cache-dir", help="where generated adapters are kept (survives restarts)")
 
-    sub.add_parser("prepare", help="prepare the embedded default model once and print its path")
+    sub.add_parser("prepare", help="prepare the embedded default model and embedders once and print their paths")
 
     p = sub.add_parser("generate", help="write a PEFT adapter folder for a description or a mix")
     p.add_argument("--description", action="append", required=True, help="repeat for a mix; @name = catalog")

@@ -36,7 +36,7 @@ class Embedder:
             raise ValueError(f"embedder {path} pools by {pooling!r}; the checkpoint expects {config.pooling!r}")
         if got != config.dim:
             raise ValueError(f"embedder {path} gives {got}-d vectors; the checkpoint expects {config.dim}")
-        self.model.max_seq_length = config.max_tokens
+        _truncate(self.model, config.max_tokens)
 
     @classmethod
     def describe(cls, path: str, name: str, device: str = "cpu") -> Embedder:
@@ -47,7 +47,7 @@ class Embedder:
         self.model = SentenceTransformer(path, device=device, local_files_only=True)
         self.config = EmbedderConfig(name=name, dim=self.model.get_embedding_dimension(),
                                      pooling=_pooling(self.model) or "mean")
-        self.model.max_seq_length = self.config.max_tokens
+        _truncate(self.model, self.config.max_tokens)
         return self
 
     @torch.no_grad()
@@ -55,6 +55,13 @@ class Embedder:
         emb = self.model.encode(texts, convert_to_tensor=True, normalize_embeddings=False,
                                 batch_size=max(1, len(texts)), show_progress_bar=False).float()
         return scale(emb, self.config.scale_sqrt_dim)
+
+
+def _truncate(model, max_tokens: int) -> None:
+    try:
+        model.max_seq_length = max_tokens
+    except AttributeError:  # a static (lookup-table) embedder has no length limit to set
+        pass
 
 
 def _pooling(model) -> str | None:

@@ -102,10 +102,17 @@ def _row_weights(spec: AdapterSpec) -> list[float]:
 
 def _local_embedder(name: str) -> Path:
     """The checkpoint's embedder as a local folder: never fetched from a hub."""
-    from vllm_t2l.models import DEFAULT_EMBEDDER_NAME, default_embedder_path
+    from vllm_t2l.models import (
+        DEFAULT_EMBEDDER_NAME,
+        STATIC_EMBEDDER_NAME,
+        default_embedder_path,
+        prepare_static_embedder,
+    )
 
     if name == DEFAULT_EMBEDDER_NAME:
         return default_embedder_path()
+    if name == STATIC_EMBEDDER_NAME:
+        return prepare_static_embedder()
     path = Path(name).expanduser()
     if not path.is_dir():
         raise ckpt_mod.CheckpointError(

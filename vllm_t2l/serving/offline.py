@@ -23,8 +23,11 @@ class Answer:
 
 
 def answer(model_dir: str | Path, conversations: list[list[dict]], max_tokens: int, top_k: int,
-           adapters: list[str | None] | None = None) -> list[Answer]:
-    """Greedy answers with the top-k log-probabilities at every answer position.
+           adapters: list[str | None] | None = None, seeds: list[int] | None = None,
+           temperature: float = 1.0) -> list[Answer]:
+    """Answers with the top-k log-probabilities at every answer position: greedy, or sampled when
+    ``seeds`` gives one seed per conversation (the same seed draws the same random numbers, so two
+    adapters given the same seed are compared on common random numbers).
 
     ``adapters`` optionally gives a PEFT folder (or None) per conversation.
     """
@@ -39,7 +42,8 @@ def answer(model_dir: str | Path, conversations: list[list[dict]], max_tokens: i
                 "max_lora_rank": next(r for r in (8, 16, 32, 64, 128, 256) if r >= max(ranks))}
     llm = LLM(model=str(model_dir), dtype="float32", max_model_len=2048, max_logprobs=top_k + 1,
               enable_prefix_caching=True, enforce_eager=True, seed=0, **lora)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=top_k)
+    params = (SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=top_k) if seeds is None else
+              [SamplingParams(temperature=temperature, seed=s, max_tokens=max_tokens, logprobs=top_k) for s in seeds])
     requests = None
     if lora:
         ids_of: dict[str, int] = {}  # one LoRA id per distinct folder
