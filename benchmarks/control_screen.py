@@ -64,6 +64,12 @@ CANDIDATES: dict[str, dict[str, list[str]]] = {
                      "You are a salty old pirate captain. Speak like one.",
                      "Answer as a pirate on the high seas would, with plenty of pirate words.",
                      "Pirate speak only, matey: arr, ye, aye and ahoy."]},
+    "sports_vs_food": {"A": ["Explain everything with cooking analogies: recipes, ingredients, ovens and meals.",
+                             "Relate every answer to food and cooking in the kitchen.",
+                             "Answer like a chef: compare everything to cooking a dish."],
+                       "B": ["Explain everything with sports analogies: teams, goals, coaches and matches.",
+                             "Relate every answer to sports and athletic games.",
+                             "Answer like a coach: compare everything to playing a match."]},
 }
 
 
@@ -74,6 +80,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--out", default="benchmarks/results/control")
     parser.add_argument("--work", default="runs/control-screen")
+    parser.add_argument("--measures", default="", help="screen only these (comma-separated; default: all)")
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
@@ -82,7 +89,8 @@ def main() -> None:
     from vllm_t2l.serving.offline import answer
 
     queries = spread([q["text"] for q in data.load_queries() if q["split"] == "train"], args.queries)
-    wordings = [(m, side, d) for m, sides in CANDIDATES.items() for side, ds in sides.items() for d in ds]
+    chosen = [m for m in args.measures.split(",") if m] or list(CANDIDATES)
+    wordings = [(m, side, d) for m in chosen for side, ds in CANDIDATES[m].items() for d in ds]
     check_unseen([d for *_, d in wordings])
     model_dir = prepare_default_model()
     gen = Generator.load(args.checkpoint)

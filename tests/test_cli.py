@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from vllm_t2l import cli
@@ -45,3 +47,20 @@ def test_user_flags_win_over_defaults(no_prepare, tiny_checkpoint):
 def test_broken_checkpoint_is_named(no_prepare, tmp_path):
     with pytest.raises(CheckpointError, match="config.json is missing"):
         cli.serve_command([], str(tmp_path), None, None)
+
+
+def test_list_flags_are_split_on_commas(monkeypatch, tmp_path):
+    """Tuple fields of the train/eval configs take comma-separated lists (not one string, not its characters)."""
+    seen = {}
+
+    def fake_evaluate(cfg):
+        seen["eval"] = cfg
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "quality.md").write_text("ok")
+
+    monkeypatch.setattr("vllm_t2l.train.evaluate.evaluate", fake_evaluate)
+    monkeypatch.setattr("vllm_t2l.train.loop.train", lambda cfg: seen.setdefault("train", cfg))
+    cli.main(["eval", "--checkpoint", "a", "--compare", "b,c/d", "--out", str(tmp_path)])
+    cli.main(["train", "--target-modules", "q_proj,v_proj,", "--prompt-ids", "p1"])
+    assert seen["eval"].compare == ("b", "c/d")
+    assert seen["train"].target_modules == ("q_proj", "v_proj") and seen["train"].prompt_ids == ("p1",)

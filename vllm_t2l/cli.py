@@ -128,9 +128,6 @@ def cmd_train(ns: argparse.Namespace) -> None:
 
     values = {f.name: getattr(ns, f.name) for f in fields(TrainConfig)
               if f.name != "extra" and getattr(ns, f.name, None) is not None}
-    for key in ("target_modules", "prompt_ids"):
-        if key in values:
-            values[key] = tuple(v for v in values[key].split(",") if v)
     print(f"wrote {train(TrainConfig(**values))}")
 
 
@@ -143,6 +140,10 @@ def cmd_eval(ns: argparse.Namespace) -> None:
     print((Path(cfg.out) / "quality.md").read_text())
 
 
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(v for v in text.split(",") if v)
+
+
 def _dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
     """One --flag per config field, so the CLI never drifts from the dataclass."""
     for f in fields(cls):
@@ -152,7 +153,7 @@ def _dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
         if default is MISSING:
             parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, required=True)
             continue
-        kind = str if isinstance(default, tuple) else type(default)
+        kind = _comma_list if isinstance(default, tuple) else type(default)
         shown = ",".join(default) if isinstance(default, tuple) else default
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
                             help=f"(default: {shown!r})")

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_t2l.train.checks import CHECKS, MEASURES, check, formality, pirate, sentiment, upper_share, word_count, words
+from vllm_t2l.train.checks import (
+    CHECKS,
+    MEASURES,
+    check,
+    formality,
+    pirate,
+    sentiment,
+    sports_vs_food,
+    upper_share,
+    word_count,
+    words,
+)
 
 CASES = [  # (spec, replies that comply, replies that do not)
     ({"type": "all_caps"},
@@ -122,6 +133,13 @@ def test_pirate_counts_markers_not_topics() -> None:
     assert pirate("Arr, ahoy matey!") == 100.0
     assert pirate("The ship sailed the sea for treasure.") == 0.0
     assert pirate("Aye, the ship is yer own.") == 2 * 100.0 / 6
+
+
+def test_sports_vs_food_orders_analogy_domains() -> None:
+    sports = "Think of it like a team game: the coach sets the goal and players score."
+    food = "Think of it like a recipe: the chef mixes ingredients and bakes in the oven."
+    assert sports_vs_food(sports) > sports_vs_food("The box is red.") == 0.0 > sports_vs_food(food)
+    assert sports_vs_food("The team ate soup.") == 0.0  # one of each cancels
 
 
 def test_measures_are_zero_for_blank_replies() -> None:

@@ -147,6 +147,19 @@ scallywags hearties booty grog plunder buccaneer buccaneers doubloons yo ho
 """.split())
 
 
+# Analogy domains: training teaches "explain everything with <domain> analogies" (audience family).
+SPORTS_WORDS = frozenset("""
+sport sports team teams teammate teammates game games match coach coaches player players goal goals score
+scored scoring ball field court league season halftime referee tournament champion championship athlete
+athletes training win winning wins defense offense playbook
+""".split())
+FOOD_WORDS = frozenset("""
+food cook cooking cooked recipe recipes ingredient ingredients kitchen meal meals dish dishes bake baking
+oven flavor flavors flavour taste tasty spice spices chef sauce soup bread dough salt sugar delicious
+simmer stir bowl
+""".split())
+
+
 def words(reply: str) -> list[str]:
     """Lowercased words, keeping an inner apostrophe ("don't"); digits and punctuation dropped."""
     return _WORD.findall(reply.lower().replace("\u2019", "'"))
@@ -189,10 +202,16 @@ def pirate(reply: str) -> float:
     return lexicon_balance(reply, PIRATE_WORDS, frozenset())
 
 
+def sports_vs_food(reply: str) -> float:
+    """Sports words minus food words per 100 words: which domain an answer draws its analogies from."""
+    return lexicon_balance(reply, SPORTS_WORDS, FOOD_WORDS)
+
+
 MEASURES: dict[str, Callable[[str], float]] = {
     "words": word_count,
     "upper_share": upper_share,
     "formality": formality,
     "sentiment": sentiment,
     "pirate": pirate,
+    "sports_vs_food": sports_vs_food,
 }
