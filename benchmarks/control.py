@@ -49,18 +49,19 @@ class Pair:
 
 
 # Worded like the training families (length, persona, register, tone), but none is a training prompt. Each side is
-# the candidate wording that moved its attribute most as a system prompt (benchmarks/control_screen.py, training
-# queries; ties go to the first listed). Capital letters are not a pair: the base model does not capitalise when
-# told to, so there is nothing to distil (screen.md).
+# the candidate wording whose generated ADAPTER moved its attribute most on training queries
+# (benchmarks/control_screen.py, screen.md; ties go to the first listed): an adapter can only dial between what its
+# two endpoint adapters do. Capital letters and sports-vs-food analogies are not pairs: neither the base model's
+# system prompts nor the adapters move them (screen.md).
 PAIRS = [
-    Pair("length", "words", "Answer in one brief sentence and stop.",
-         "Explain at great length, with many details and several examples."),
+    Pair("length", "words", "Please keep your replies as short as you can: a few words at most.",
+         "Write a long, thorough explanation covering every aspect of the question."),
     Pair("pirate", "pirate", "Use plain, modern, neutral English.",
          "You are a salty old pirate captain. Speak like one."),
-    Pair("formality", "formality", "Talk like a chill surfer dude texting a buddy: yeah, cool, totally.",
-         "Register: formal business English, precise and impersonal."),
-    Pair("sentiment", "sentiment", "Tone: gloomy and pessimistic, expecting the worst from every topic.",
-         "Answer with happy, upbeat excitement, celebrating how great everything is."),
+    Pair("formality", "formality", "Be super casual and chatty, like texting your best friend, lol.",
+         "Write in a formal academic register with precise, impersonal wording."),
+    Pair("sentiment", "sentiment", "Sound grumpy and negative: complain about everything.",
+         "Tone: cheerful and optimistic, delighted by every topic."),
 ]
 
 

@@ -3,8 +3,7 @@
 A transformer embedder costs ~10 ms per description on one CPU core, more than vLLM's whole load of an
 adapter from disk. A static embedder is one row per vocabulary token, averaged over a description's
 tokens. Each row is the source model's output for that token alone ([CLS] token [SEP], mean-pooled).
-Two choices from the static-embedding literature (model2vec) improve paraphrase retrieval on our
-descriptions from 52% to 60% nearest-neighbour accuracy (MiniLM itself: 73%):
+Two choices from the static-embedding literature (model2vec) bring paraphrases of one behaviour closer:
 - subtract the mean row: the component every token shares says nothing about a description;
 - weight rows by log(1 + token id): WordPiece ids grow roughly with rarity, so frequent words count less.
 The weight is folded into the row: the embedding is later L2-normalised, so a weighted mean and a
