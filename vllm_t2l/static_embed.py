@@ -1,4 +1,4 @@
-"""A lookup-table embedder distilled from a sentence-transformers model, for cold misses in microseconds.
+"""A lookup-table embedder distilled from a sentence-transformers model: cold misses without a transformer pass.
 
 A transformer embedder costs ~10 ms per description on one CPU core, more than vLLM's whole load of an
 adapter from disk. A static embedder is one row per vocabulary token, averaged over a description's

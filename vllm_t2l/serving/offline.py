@@ -40,8 +40,11 @@ def answer(model_dir: str | Path, conversations: list[list[dict]], max_tokens: i
         ranks = [json.loads((Path(a) / "adapter_config.json").read_text())["r"] for a in adapters if a]
         lora = {"enable_lora": True, "max_loras": 4, "max_cpu_loras": 64,
                 "max_lora_rank": next(r for r in (8, 16, 32, 64, 128, 256) if r >= max(ranks))}
+    # vLLM 0.32 on CPU crashes when a seeded request's prefill is split across steps ("CPU Generator does
+    # not use offset"), so seeded runs schedule whole prefills only
+    chunked = {"enable_chunked_prefill": False} if seeds is not None else {}
     llm = LLM(model=str(model_dir), dtype="float32", max_model_len=2048, max_logprobs=top_k + 1,
-              enable_prefix_caching=True, enforce_eager=True, seed=0, **lora)
+              enable_prefix_caching=True, enforce_eager=True, seed=0, **lora, **chunked)
     params = (SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=top_k) if seeds is None else
               [SamplingParams(temperature=temperature, seed=s, max_tokens=max_tokens, logprobs=top_k) for s in seeds])
     requests = None
