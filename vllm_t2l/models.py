@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def prepare_static_embedder(root: Path | None = None) -> Path:
                        lambda tmp: distill(default_embedder_path(), tmp))
 
 
-def _build_once(target: Path, what: str, build) -> Path:
+def _build_once(target: Path, what: str, build: Callable[[Path], object]) -> Path:
     """Run ``build(tmp_folder)`` once; the folder appears at ``target``, complete, by an atomic rename."""
     if (target / COMPLETE).exists():
         return target

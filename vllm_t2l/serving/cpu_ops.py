@@ -68,10 +68,7 @@ def _contents(weights: torch.Tensor) -> tuple[int, int]:
     version counter. vLLM creates these tensors in inference mode, though, where there is no counter;
     every such write happens in ``LoRAModelManager.activate_adapter``, which ``install()`` makes count.
     """
-    try:
-        return _loads[0], weights._version
-    except RuntimeError:
-        return _loads[0], -1
+    return _loads[0], -1 if weights.is_inference() else weights._version
 
 
 def _cached(weights: torch.Tensor, key: str, make):
