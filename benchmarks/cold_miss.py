@@ -150,9 +150,10 @@ def main() -> None:
         server = ServerProcess(flags, Path(tmp) / "server.log", env)
         try:
             with server:
-                # the filesystem resolver only accepts folders written for the served model's name
+                # the filesystem resolver only accepts folders written for the served model's name; plain PEFT
+                # folders, as a user would bring them, so vLLM's own loader reads them
                 write_adapters({f"fs-{i}": d for i, d in enumerate(descs)}, fs_root, base_model_name(server),
-                               checkpoint=args.checkpoint)
+                               checkpoint=args.checkpoint, sidecar=False)
                 rows = asyncio.run(measure(server, descs, args.max_tokens))
         finally:
             keep_log(server, args.out, "cold_miss")

@@ -140,9 +140,10 @@ def long_descriptions(n: int, tokens: int, tokenizer_path: str | Path) -> list[s
 
 
 def write_adapters(adapters: dict[str, str], root: Path, base_model: str, batch: int = 64,
-                   checkpoint: str | Path | None = None) -> dict[str, Path]:
+                   checkpoint: str | Path | None = None, sidecar: bool = True) -> dict[str, Path]:
     """``{name: description}`` -> PEFT folders ``root/<name>``, as `vllm-t2l generate` writes them, with the
-    server's checkpoint (default: the embedded one)."""
+    server's checkpoint (default: the embedded one). Without the ``sidecar`` (our metadata file) they are
+    plain PEFT folders, which vLLM's workers read with vLLM's own loader (see ``serving.worker_load``)."""
     from vllm_t2l.generator import Generator
     from vllm_t2l.models import DEFAULT_CHECKPOINT
     from vllm_t2l.names import spec_from_parts
@@ -156,7 +157,7 @@ def write_adapters(adapters: dict[str, str], root: Path, base_model: str, batch:
         for (name, _), spec, lora in zip(chunk, specs, gen.generate(specs)):
             paths[name] = lora.save_peft(root / name, base_model, {
                 "checkpoint": gen.id, "descriptions": spec.descriptions, "weights": spec.weights,
-                "mode": spec.mode})
+                "mode": spec.mode} if sidecar else None)
     return paths
 
 

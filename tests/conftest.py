@@ -12,6 +12,7 @@ from vllm_t2l.checkpoint import Checkpoint
 from vllm_t2l.embed import EmbedderConfig
 from vllm_t2l.hypernet import BaseShapes, HyperConfig, HyperNet
 from vllm_t2l.launch import ServerProcess
+from vllm_t2l.lora import LoRAWeights
 from vllm_t2l.models import DEFAULT_EMBEDDER_NAME, STATIC_EMBEDDER_NAME
 
 TINY_CONFIG = {  # a Llama-style config.json small enough for fast tests
@@ -30,6 +31,17 @@ def tiny_config_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny_shapes() -> BaseShapes:
     return BaseShapes.from_config(TINY_CONFIG, ("q_proj", "v_proj"))
+
+
+def rand_lora(seed: int, rank: int = 4, modules=("q_proj", "v_proj"), alpha: float = 8.0,
+              use_rslora: bool = True, n_layers: int | None = None) -> LoRAWeights:
+    """A random adapter for TINY_CONFIG's shapes."""
+    shapes = BaseShapes.from_config(TINY_CONFIG, ("q_proj", "v_proj", "gate_proj", "down_proj"))
+    g = torch.Generator().manual_seed(seed)
+    L = n_layers or shapes.n_layers
+    A = {m: torch.randn(L, rank, shapes.modules[m][0], generator=g) for m in modules}
+    B = {m: torch.randn(L, shapes.modules[m][1], rank, generator=g) for m in modules}
+    return LoRAWeights(A, B, alpha=alpha, use_rslora=use_rslora)
 
 
 def make_hypernet(arch: str, shapes: BaseShapes, emb_dim: int = 384, seed: int = 0,

@@ -7,24 +7,11 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, rand_lora
 
-from vllm_t2l.hypernet import BaseShapes
 from vllm_t2l.lora import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE, LoRAWeights, from_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-SHAPES = BaseShapes.from_config(TINY_CONFIG, ("q_proj", "v_proj", "gate_proj", "down_proj"))
-
-
-def rand_lora(seed: int, rank: int = 4, modules=("q_proj", "v_proj"), alpha: float = 8.0,
-              use_rslora: bool = True, n_layers: int | None = None) -> LoRAWeights:
-    g = torch.Generator().manual_seed(seed)
-    L = n_layers or SHAPES.n_layers
-    A = {m: torch.randn(L, rank, SHAPES.modules[m][0], generator=g) for m in modules}
-    B = {m: torch.randn(L, SHAPES.modules[m][1], rank, generator=g) for m in modules}
-    return LoRAWeights(A, B, alpha=alpha, use_rslora=use_rslora)
-
 
 # ---- basics ------------------------------------------------------------------------------------
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.numpy import save_file
 from safetensors.torch import load_file
 from torch import Tensor
 
+from vllm_t2l import tensorfile
 from vllm_t2l.hypernet import MODULE_PARENT
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -70,23 +70,25 @@ class LoRAWeights:
 
     # ---- PEFT folders ----------------------------------------------------------------------
 
+    def _keys(self, module: str, which: str) -> list[str]:
+        """PEFT's key for ``module``'s ``which`` (lora_A or lora_B) in every layer."""
+        return [f"base_model.model.model.layers.{i}.{MODULE_PARENT[module]}.{module}.{which}.weight"
+                for i in range(self.n_layers)]
+
     def state_dict(self) -> dict[str, Tensor]:
         out = {}
         for m in self.A:
-            parent = MODULE_PARENT[m]
-            for i in range(self.n_layers):
-                key = f"base_model.model.model.layers.{i}.{parent}.{m}"
-                out[f"{key}.lora_A.weight"] = self.A[m][i].contiguous()
-                out[f"{key}.lora_B.weight"] = self.B[m][i].contiguous()
+            out.update(zip(self._keys(m, "lora_A"), self.A[m].contiguous()))
+            out.update(zip(self._keys(m, "lora_B"), self.B[m].contiguous()))
         return out
 
     def save_peft(self, folder: str | Path, base_model: str, metadata: dict | None = None) -> Path:
         """Write adapter_config.json + adapter_model.safetensors (fp32) as peft does."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        # numpy arrays: safetensors' torch path costs twice as much per tensor, and a cold miss waits on it
-        tensors = {k: v.detach().to("cpu", torch.float32).numpy() for k, v in self.state_dict().items()}
-        save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+        stacks = [(self._keys(m, "lora_A"), self.A[m].float()) for m in self.A]
+        stacks += [(self._keys(m, "lora_B"), self.B[m].float()) for m in self.B]
+        tensorfile.save(folder / WEIGHTS_FILE, stacks, metadata={"format": "pt"})
         config = {
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
             "r": self.rank, "lora_alpha": self.alpha, "use_rslora": self.use_rslora,

@@ -1,4 +1,4 @@
-"""vLLM general plugin: runs in every vLLM process; registers the resolver and the CPU op fixes."""
+"""vLLM general plugin: runs in every vLLM process; registers the resolver, CPU op fixes and fast folder loads."""
 
 import logging
 
@@ -8,10 +8,11 @@ log = logging.getLogger("vllm.t2l")  # under vLLM's configured logger
 def register() -> None:
     from vllm.lora.resolver import LoRAResolverRegistry
 
-    from vllm_t2l.serving import cpu_ops, hooks
+    from vllm_t2l.serving import cpu_ops, hooks, worker_load
     from vllm_t2l.serving.resolver import Settings, T2LResolver
 
     cpu_ops.install()
+    worker_load.install()
     resolver = T2LResolver(Settings.from_env())
     LoRAResolverRegistry.register_resolver("vllm-t2l", resolver)
     hooks.install(resolver)

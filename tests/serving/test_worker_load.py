@@ -1,0 +1,72 @@
+"""Tests for vllm_t2l.serving.worker_load: vLLM's loader reads our folders in one call, others as before."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+from conftest import rand_lora
+from vllm.lora.lora_model import LoRAModel
+from vllm.lora.peft_helper import PEFTHelper
+
+from vllm_t2l.lora import METADATA_FILE, WEIGHTS_FILE
+from vllm_t2l.serving import worker_load
+
+EXPECTED = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def installed():
+    assert worker_load.install()
+    assert worker_load.install()  # idempotent
+
+
+def load(folder, expected=EXPECTED, **kw) -> LoRAModel:
+    peft = PEFTHelper.from_local_dir(str(folder), 2048)
+    return LoRAModel.from_local_checkpoint(str(folder), expected, peft, lora_model_id=7, device="cpu",
+                                           dtype=torch.bfloat16, **kw)
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """The same adapter as one of our folders (with the sidecar) and as a plain PEFT folder."""
+    ours = rand_lora(0, modules=("q_proj", "v_proj", "down_proj")).save_peft(tmp_path / "ours", "tiny-llama",
+                                                                              {"checkpoint": "abc"})
+    plain = shutil.copytree(ours, tmp_path / "plain")
+    (plain / METADATA_FILE).unlink()
+    return ours, plain
+
+
+def test_our_folders_load_as_vllm_loads_them(folders, monkeypatch):
+    read = []
+    monkeypatch.setattr(worker_load, "read_ours", lambda d, f=worker_load.read_ours: read.append(d) or f(d))
+    ours, plain = load(folders[0]), load(folders[1])
+    assert read == [folders[0], folders[1]]  # the plain folder is looked at, then left to vLLM
+    assert ours.id == plain.id == 7 and ours.rank == plain.rank and ours.loras.keys() == plain.loras.keys()
+    assert len(ours.loras) == 9
+    for name, lora in plain.loras.items():
+        fast = ours.loras[name]
+        assert fast.lora_a.dtype == torch.bfloat16 and fast.scaling == lora.scaling
+        assert torch.equal(fast.lora_a, lora.lora_a) and torch.equal(fast.lora_b, lora.lora_b), name
+
+
+def test_unexpected_modules_get_vllms_error(folders):
+    with pytest.raises(ValueError, match="expected target modules"):
+        load(folders[0], expected={"q_proj", "v_proj"})
+
+
+def test_unreadable_weights_fall_back_to_vllms_loader(folders, caplog):
+    (folders[0] / WEIGHTS_FILE).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with caplog.at_level(logging.WARNING, logger="vllm.t2l"), pytest.raises(Exception) as err:
+        load(folders[0])
+    assert "fast path" in caplog.text and "not read" in caplog.text
+    assert type(err.value).__module__.startswith("safetensors") or "header" in str(err.value).lower()
+
+
+def test_special_loads_go_to_vllm(folders, monkeypatch):
+    monkeypatch.setattr(worker_load, "read_ours", lambda d: pytest.fail("fast path taken"))
+    load(folders[0], skip_prefixes=["mtp."])
+    peft = PEFTHelper.from_local_dir(str(folders[0]), 2048)
+    assert LoRAModel.from_local_checkpoint(str(folders[0]), EXPECTED, peft, device="cpu").loras

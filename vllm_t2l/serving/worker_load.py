@@ -1,0 +1,65 @@
+"""vLLM's workers read the adapter folders our resolver writes in one call, not one per tensor.
+
+Why: a cache miss waits on the worker's load of the new folder. vLLM's loader
+(``LoRAModel.from_local_checkpoint``) reads and name-checks the safetensors file's 120 tensors one at a
+time; ``tensorfile.load`` reads it in one call, and the tensors then go to ``from_lora_tensors``, the
+constructor vLLM's loader ends in. Only folders carrying our metadata sidecar take this path, and only
+in the plain case (no skipped prefixes or expert sharding); any other folder, and any of ours that
+does not read cleanly or targets a module the model does not expect, goes through vLLM's loader
+unchanged, which raises its own errors.
+The folders of vLLM's filesystem resolver (the cold-miss baseline) never take it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+from vllm_t2l import tensorfile
+from vllm_t2l.lora import METADATA_FILE, WEIGHTS_FILE
+
+log = logging.getLogger("vllm.t2l")
+VERIFIED_RELEASES = {(0, 32)}  # releases whose from_local_checkpoint was read against this
+
+
+def read_ours(lora_dir: Path) -> dict | None:
+    """The folder's tensors if it is one of ours that reads cleanly, else None."""
+    if not (lora_dir / METADATA_FILE).is_file():
+        return None
+    try:
+        return tensorfile.load(lora_dir / WEIGHTS_FILE)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("vllm-t2l: %s not read by the fast path (%s); using vLLM's loader", lora_dir, e)
+        return None
+
+
+def install() -> bool:
+    """Route vLLM's folder loads through ``read_ours``; return whether it is in place."""
+    import vllm
+    from vllm.lora.lora_model import LoRAModel
+
+    from vllm_t2l.serving.cpu_ops import _release
+
+    if _release(vllm.__version__) not in VERIFIED_RELEASES:
+        return False
+    if getattr(LoRAModel, "_vllm_t2l_load", False):
+        return True
+    original = LoRAModel.from_local_checkpoint.__func__
+
+    @functools.wraps(original)
+    def from_local_checkpoint(cls, lora_dir, expected_lora_modules, peft_helper, *, lora_model_id=None,
+                              skip_prefixes=None, moe_ep_spec=None, **kwargs):
+        plain = lora_model_id is not None and not skip_prefixes and moe_ep_spec is None
+        tensors = read_ours(Path(lora_dir)) if plain else None
+        if tensors is not None:
+            lora = cls.from_lora_tensors(lora_model_id=lora_model_id, tensors=tensors, peft_helper=peft_helper,
+                                         **kwargs)
+            if all(name.rsplit(".", 1)[-1] in expected_lora_modules for name in lora.loras):
+                return lora
+        return original(cls, lora_dir, expected_lora_modules, peft_helper, lora_model_id=lora_model_id,
+                        skip_prefixes=skip_prefixes, moe_ep_spec=moe_ep_spec, **kwargs)
+
+    LoRAModel.from_local_checkpoint = classmethod(from_local_checkpoint)
+    LoRAModel._vllm_t2l_load = True
+    return True
