@@ -61,6 +61,27 @@ def hypernet_factory(tiny_shapes):
     return lambda arch, **kw: make_hypernet(arch, kw.pop("shapes", tiny_shapes), **kw)
 
 
+def tiny_generator(arch: str, root: Path, embedder, seed: int = 0):
+    """A Generator for the tiny shapes, through a saved and loaded checkpoint, with the given embedder."""
+    from vllm_t2l import checkpoint as ckpt_mod
+    from vllm_t2l.generator import Generator
+
+    net = make_hypernet(arch, BaseShapes.from_config(TINY_CONFIG, ("q_proj", "v_proj")), seed=seed)
+    return Generator(ckpt_mod.load(Checkpoint(net, embedder.config).save(root / "ckpt")), embedder)
+
+
+@pytest.fixture(scope="module")
+def zgen(tmp_path_factory, minilm):
+    """A zhyper-diag generator (the same as tiny_checkpoint's), sharing the session's MiniLM."""
+    return tiny_generator("zhyper-diag", tmp_path_factory.mktemp("zhyper"), minilm)
+
+
+@pytest.fixture(scope="module")
+def lgen(tmp_path_factory, minilm):
+    """A t2l-L generator, sharing the session's MiniLM."""
+    return tiny_generator("t2l-L", tmp_path_factory.mktemp("t2lL"), minilm, seed=4)
+
+
 @pytest.fixture
 def tiny_checkpoint(tmp_path: Path, tiny_shapes) -> Path:
     """A saved zhyper-diag checkpoint for the tiny shapes, with the embedded MiniLM as embedder."""

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_CONFIG, make_hypernet
+from conftest import make_hypernet
 
 from vllm_t2l import checkpoint as ckpt_mod
 from vllm_t2l.checkpoint import Checkpoint, CheckpointError
 from vllm_t2l.embed import EmbedderConfig
 from vllm_t2l.generator import Generator
-from vllm_t2l.hypernet import BaseShapes
 from vllm_t2l.lora import LoRAWeights, from_batch
 from vllm_t2l.models import DEFAULT_EMBEDDER_NAME
 from vllm_t2l.names import parse
@@ -31,24 +30,6 @@ def _assert_same_delta(a: LoRAWeights, b: LoRAWeights, tol: float = 1e-5) -> Non
 def _differs(a: LoRAWeights, b: LoRAWeights) -> bool:
     return any(not torch.allclose(a.delta(m, i), b.delta(m, i), rtol=1e-4, atol=1e-6)
                for m in a.A for i in range(a.n_layers))
-
-
-@pytest.fixture(scope="module")
-def zgen(tmp_path_factory, minilm) -> Generator:
-    """A zhyper-diag generator (the same as tiny_checkpoint's), sharing the session's MiniLM."""
-    shapes = BaseShapes.from_config(TINY_CONFIG, ("q_proj", "v_proj"))
-    folder = Checkpoint(make_hypernet("zhyper-diag", shapes), minilm.config).save(
-        tmp_path_factory.mktemp("zhyper") / "ckpt")
-    return Generator(ckpt_mod.load(folder), minilm)
-
-
-@pytest.fixture(scope="module")
-def lgen(tmp_path_factory, minilm) -> Generator:
-    """A t2l-L generator built in the test with make_hypernet + Checkpoint.save."""
-    shapes = BaseShapes.from_config(TINY_CONFIG, ("q_proj", "v_proj"))
-    folder = Checkpoint(make_hypernet("t2l-L", shapes, seed=4), minilm.config).save(
-        tmp_path_factory.mktemp("t2lL") / "ckpt")
-    return Generator(ckpt_mod.load(folder), minilm)
 
 
 SPECS = ["t2l:Talk like a pirate.", "t2l:Answer tersely.", "t2l-mix:0.7*Talk like a pirate.||0.3*Be kind.",

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from vllm_t2l import checkpoint as ckpt_mod
 from vllm_t2l.checkpoint import Checkpoint
@@ -47,13 +48,47 @@ class Generator:
     def generate(self, specs: Sequence[AdapterSpec], timings: dict[str, float] | None = None) -> list[LoRAWeights]:
         """One adapter per spec. ``timings``, when given, receives the seconds spent embedding the
         descriptions (``embed``) and in the hypernetwork (``hypernet``)."""
+        c, net = self.checkpoint.config, self.checkpoint.hypernet
+        if self.zhyper:
+            codes = self.codes(specs, timings)
+            start = time.perf_counter()
+            out = [from_batch(net.from_codes(z), 0, c.alpha, c.use_rslora) for z in codes]
+            self._lap(timings, "hypernet", start)
+            return out
+        x, slices, start = self._inputs(specs, timings)
+        batch = net(x)
+        out = []
+        for spec, idx in zip(specs, slices):
+            parts = [from_batch(batch, i, c.alpha, c.use_rslora) for i in idx]
+            weights = _row_weights(spec)
+            if len(parts) == 1 and weights == [1.0]:
+                out.append(parts[0])
+            else:
+                out.append(LoRAWeights.weighted_sum(parts, weights))
+        self._lap(timings, "hypernet", start)
+        return out
+
+    @torch.no_grad()
+    def codes(self, specs: Sequence[AdapterSpec], timings: dict[str, float] | None = None) -> list[dict[str, Tensor]]:
+        """Zhyper only: each spec's codes per module, [1, L, r] (or [1, L, r, r]), its mix applied.
+        Mixing codes is exact: A is linear in them and B does not depend on them."""
+        x, slices, start = self._inputs(specs, timings)
+        codes = self.checkpoint.hypernet.codes(x)
+        out = [{m: sum(w * z[i:i + 1] for w, i in zip(_row_weights(spec), idx)) for m, z in codes.items()}
+               for spec, idx in zip(specs, slices)]
+        self._lap(timings, "hypernet", start)
+        return out
+
+    def _inputs(self, specs: Sequence[AdapterSpec],
+                timings: dict[str, float] | None) -> tuple[Tensor, list[range], float]:
+        """Embed every description once; return the hypernetwork's input rows, which rows belong to
+        which spec (an emb-mode mix is one mixed row), and the time embedding ended."""
         start = time.perf_counter()
         texts = sorted({d for s in specs for d in s.descriptions})
         emb = self.embedder(texts).to(self.device)
-        if timings is not None:
-            start = self._lap(timings, "embed", start)
+        start = self._lap(timings, "embed", start)
         row = {t: i for i, t in enumerate(texts)}
-        rows, slices = [], []  # hypernetwork input rows; which rows belong to which spec
+        rows, slices = [], []
         for spec in specs:
             first = len(rows)
             if spec.mode == "emb":
@@ -61,34 +96,16 @@ class Generator:
             else:
                 rows.extend(emb[row[d]] for d in spec.descriptions)
             slices.append(range(first, len(rows)))
-        x = torch.stack(rows)
-        c, net = self.checkpoint.config, self.checkpoint.hypernet
-        out = []
-        if self.zhyper:
-            codes = net.codes(x)
-            for spec, idx in zip(specs, slices):
-                weights = _row_weights(spec)
-                mixed = {m: sum(w * z[i:i + 1] for w, i in zip(weights, idx)) for m, z in codes.items()}
-                out.append(from_batch(net.from_codes(mixed), 0, c.alpha, c.use_rslora))
-        else:
-            batch = net(x)
-            for spec, idx in zip(specs, slices):
-                parts = [from_batch(batch, i, c.alpha, c.use_rslora) for i in idx]
-                weights = _row_weights(spec)
-                if len(parts) == 1 and weights == [1.0]:
-                    out.append(parts[0])
-                else:
-                    out.append(LoRAWeights.weighted_sum(parts, weights))
-        if timings is not None:
-            self._lap(timings, "hypernet", start)
-        return out
+        return torch.stack(rows), slices, start
 
-    def _lap(self, timings: dict[str, float], stage: str, start: float) -> float:
-        """Record the seconds since ``start`` under ``stage`` (after the device's queued work) and return now."""
+    def _lap(self, timings: dict[str, float] | None, stage: str, start: float) -> float:
+        """Add the seconds since ``start`` (after the device's queued work) to ``timings[stage]``; return now."""
+        if timings is None:
+            return start
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
-        timings[stage] = now - start
+        timings[stage] = timings.get(stage, 0.0) + now - start
         return now
 
     def generate_one(self, spec: AdapterSpec) -> LoRAWeights:

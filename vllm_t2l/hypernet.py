@@ -287,8 +287,11 @@ class HyperNet(nn.Module):
         """Zhyper codes -> exportable (A, B): A = diag(z) A_shared (or Z A_shared), B = B_shared."""
         out: LoRABatch = {}
         for mod, z in codes.items():
-            A, B = self.shared_A[mod], self.shared_B[mod]
-            n = z.shape[0]
-            A_eff = z[..., None] * A if z.dim() == 3 else z @ A
-            out[mod] = (A_eff, B.expand(n, *B.shape))
+            B = self.shared_B[mod]
+            out[mod] = (expand_codes(z, self.shared_A[mod]), B.expand(z.shape[0], *B.shape))
         return out
+
+
+def expand_codes(z: Tensor, shared_A: Tensor) -> Tensor:
+    """Zhyper's A for codes ``z``: diag(z) A_shared for [N, L, r] codes, Z A_shared for [N, L, r, r]."""
+    return z[..., None] * shared_A if z.dim() == 3 else z @ shared_A

@@ -89,15 +89,7 @@ class LoRAWeights:
         stacks = [(self._keys(m, "lora_A"), self.A[m].float()) for m in self.A]
         stacks += [(self._keys(m, "lora_B"), self.B[m].float()) for m in self.B]
         tensorfile.save(folder / WEIGHTS_FILE, stacks, metadata={"format": "pt"})
-        config = {
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-            "r": self.rank, "lora_alpha": self.alpha, "use_rslora": self.use_rslora,
-            "target_modules": sorted(self.A), "lora_dropout": 0.0, "bias": "none",
-            "fan_in_fan_out": False, "inference_mode": True,
-        }
-        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        if metadata:  # a sidecar: peft warns about unknown keys in adapter_config.json
-            (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+        write_config(folder, base_model, self.rank, self.alpha, self.use_rslora, list(self.A), metadata)
         return folder
 
     @classmethod
@@ -113,6 +105,19 @@ class LoRAWeights:
             (A if which == "lora_A" else B).setdefault(module, []).append(tensors[key])
         return cls({m: torch.stack(v) for m, v in A.items()}, {m: torch.stack(v) for m, v in B.items()},
                    alpha=float(config["lora_alpha"]), use_rslora=bool(config.get("use_rslora", False)))
+
+
+def write_config(folder: Path, base_model: str, rank: int, alpha: float, use_rslora: bool,
+                 modules: list[str], metadata: dict | None = None) -> None:
+    """adapter_config.json as peft writes it, and our metadata beside it (peft warns about unknown keys)."""
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": rank, "lora_alpha": alpha, "use_rslora": use_rslora, "target_modules": sorted(modules),
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+    }
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    if metadata:
+        (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
 
 
 def _layer_order(key: str) -> tuple[int, str]:

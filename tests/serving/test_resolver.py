@@ -9,7 +9,9 @@ import pytest
 from prometheus_client import REGISTRY
 
 from vllm_t2l import checkpoint as ckpt_mod
+from vllm_t2l import codes
 from vllm_t2l.generator import Generator
+from vllm_t2l.lora import WEIGHTS_FILE
 from vllm_t2l.names import parse
 from vllm_t2l.serving.resolver import Settings, T2LResolver
 
@@ -21,15 +23,19 @@ def _stage_count(stage: str) -> float:
     return REGISTRY.get_sample_value("vllm_t2l:stage_seconds_count", {"stage": stage}) or 0.0
 
 
-def test_write_saves_folders_and_observes_each_stage_once_per_batch(tiny_checkpoint, minilm, tmp_path):
+@pytest.mark.parametrize("coded", [False, True], ids=["full weights", "codes"])
+def test_write_saves_folders_and_observes_each_stage_once_per_batch(coded, tiny_checkpoint, minilm, tmp_path):
     resolver = T2LResolver(Settings())
     resolver.generator = Generator(ckpt_mod.load(tiny_checkpoint), minilm)
     resolver.base_model = "tiny-llama"
+    if coded:
+        resolver.basis = codes.save_basis(tmp_path, resolver.generator.checkpoint.hypernet)
     before = {s: _stage_count(s) for s in STAGES}
     jobs = [(parse("t2l:Talk like a pirate."), tmp_path / "a"), (parse("t2l:Be brief."), tmp_path / "b")]
     resolver._write(jobs)
     for _, folder in jobs:
         assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-llama"
+        assert ((folder / codes.CODES_FILE).exists(), (folder / WEIGHTS_FILE).exists()) == (coded, not coded)
     for stage in STAGES:
         assert _stage_count(stage) == before[stage] + 1
         assert REGISTRY.get_sample_value("vllm_t2l:stage_seconds_sum", {"stage": stage}) > 0

@@ -11,7 +11,9 @@ from conftest import rand_lora
 from vllm.lora.lora_model import LoRAModel
 from vllm.lora.peft_helper import PEFTHelper
 
+from vllm_t2l import codes
 from vllm_t2l.lora import METADATA_FILE, WEIGHTS_FILE
+from vllm_t2l.names import parse
 from vllm_t2l.serving import worker_load
 
 EXPECTED = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -70,3 +72,15 @@ def test_special_loads_go_to_vllm(folders, monkeypatch):
     load(folders[0], skip_prefixes=["mtp."])
     peft = PEFTHelper.from_local_dir(str(folders[0]), 2048)
     assert LoRAModel.from_local_checkpoint(str(folders[0]), EXPECTED, peft, device="cpu").loras
+
+
+def test_codes_folders_load_as_their_full_weights(zgen, tmp_path):
+    spec = parse("t2l-mix:0.6*Talk like a pirate.||0.4*Be kind.")
+    c = zgen.checkpoint.config
+    full = zgen.generate([spec])[0].save_peft(tmp_path / "full", "tiny-llama")
+    codes.save(tmp_path / "codes", zgen.codes([spec])[0], codes.save_basis(tmp_path, zgen.checkpoint.hypernet),
+               "tiny-llama", c.alpha, c.use_rslora, {"checkpoint": zgen.id})
+    want, got = load(full), load(tmp_path / "codes")
+    assert got.loras.keys() == want.loras.keys() and len(got.loras) == 6
+    for name, lora in want.loras.items():
+        assert torch.equal(got.loras[name].lora_a, lora.lora_a) and torch.equal(got.loras[name].lora_b, lora.lora_b)

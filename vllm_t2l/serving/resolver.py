@@ -13,10 +13,10 @@ from pathlib import Path
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver
 
-from vllm_t2l import names
+from vllm_t2l import codes, names
 from vllm_t2l.generator import Generator
 from vllm_t2l.names import AdapterNameError, AdapterSpec, NameLimits
-from vllm_t2l.serving import metrics
+from vllm_t2l.serving import metrics, worker_load
 from vllm_t2l.serving.cache import AdapterCache, CacheLimits
 
 log = logging.getLogger("vllm.t2l")  # under vLLM's configured logger
@@ -80,6 +80,7 @@ class T2LResolver(LoRAResolver):
         self.catalog: dict[str, str] = {}
         self.max_lora_rank: int | None = None
         self.base_model: str = ""
+        self.basis: Path | None = None  # Zhyper checkpoints: misses hand over codes (see vllm_t2l.codes)
         self.on_evict = None  # set by the hooks: unregister names from vLLM
         self._queue: list[tuple[AdapterSpec, Path, asyncio.Future]] = []
         self._worker: asyncio.Task | None = None
@@ -106,6 +107,8 @@ class T2LResolver(LoRAResolver):
         self.cache = AdapterCache(root / ckpt.id, CacheLimits(s.cache_max_adapters, s.cache_max_bytes,
                                                               s.cache_grace_s), self._evicted)
         self.max_lora_rank, self.base_model = max_lora_rank, base_model
+        if self.generator.zhyper and worker_load.installed():
+            self.basis = codes.save_basis(self.cache.root, ckpt.hypernet)
         self._update_gauges()
         state = "TRAINED" if ckpt.trained else "UNTRAINED (adapters will not follow descriptions)"
         log.info("vllm-t2l: %s checkpoint %s (%s, id %s), embedder %s, %d catalog names, cache %s",
@@ -180,12 +183,17 @@ class T2LResolver(LoRAResolver):
 
     def _write(self, jobs: list[tuple[AdapterSpec, Path]]) -> None:
         timings: dict[str, float] = {}
-        adapters = self.generator.generate([spec for spec, _ in jobs], timings)
+        specs = [spec for spec, _ in jobs]
+        c = self.generator.checkpoint.config
+        made = self.generator.codes(specs, timings) if self.basis else self.generator.generate(specs, timings)
         start = time.perf_counter()
-        meta = {"checkpoint": self.generator.id}
-        for (spec, folder), lora in zip(jobs, adapters):
-            lora.save_peft(folder, self.base_model, {**meta, "descriptions": spec.descriptions,
-                                                     "weights": spec.weights, "mode": spec.mode})
+        for spec, (_, folder), adapter in zip(specs, jobs, made):
+            meta = {"checkpoint": self.generator.id, "descriptions": spec.descriptions, "weights": spec.weights,
+                    "mode": spec.mode}
+            if self.basis:
+                codes.save(folder, adapter, self.basis, self.base_model, c.alpha, c.use_rslora, meta)
+            else:
+                adapter.save_peft(folder, self.base_model, meta)
         timings["write"] = time.perf_counter() - start
         for stage, seconds in timings.items():
             metrics.STAGE_SECONDS.labels(stage).observe(seconds)

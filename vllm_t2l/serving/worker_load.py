@@ -2,12 +2,12 @@
 
 Why: a cache miss waits on the worker's load of the new folder. vLLM's loader
 (``LoRAModel.from_local_checkpoint``) reads and name-checks the safetensors file's 120 tensors one at a
-time; ``tensorfile.load`` reads it in one call, and the tensors then go to ``from_lora_tensors``, the
-constructor vLLM's loader ends in. Only folders carrying our metadata sidecar take this path, and only
-in the plain case (no skipped prefixes or expert sharding); any other folder, and any of ours that
-does not read cleanly or targets a module the model does not expect, goes through vLLM's loader
-unchanged, which raises its own errors.
-The folders of vLLM's filesystem resolver (the cold-miss baseline) never take it.
+time. Here ``tensorfile.load`` reads the file in one call, or ``codes.expand`` builds the weights from
+a Zhyper adapter's codes, and the tensors go to ``from_lora_tensors``, the constructor vLLM's loader
+ends in. Only folders carrying our metadata sidecar take this path, and only in the plain case (no
+skipped prefixes or expert sharding); any other folder, and any of ours that does not read cleanly or
+targets a module the model does not expect, goes through vLLM's loader unchanged, which raises its own
+errors. The folders of vLLM's filesystem resolver (the cold-miss baseline) never take it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import functools
 import logging
 from pathlib import Path
 
-from vllm_t2l import tensorfile
+from vllm_t2l import codes, tensorfile
 from vllm_t2l.lora import METADATA_FILE, WEIGHTS_FILE
 
 log = logging.getLogger("vllm.t2l")
@@ -28,10 +28,19 @@ def read_ours(lora_dir: Path) -> dict | None:
     if not (lora_dir / METADATA_FILE).is_file():
         return None
     try:
+        if (lora_dir / codes.CODES_FILE).is_file():
+            return codes.expand(lora_dir).state_dict()
         return tensorfile.load(lora_dir / WEIGHTS_FILE)
     except (OSError, ValueError, KeyError, TypeError) as e:
         log.warning("vllm-t2l: %s not read by the fast path (%s); using vLLM's loader", lora_dir, e)
         return None
+
+
+def installed() -> bool:
+    """Whether vLLM's loader in this process reads our folders (then so do the workers: same vLLM)."""
+    from vllm.lora.lora_model import LoRAModel
+
+    return getattr(LoRAModel, "_vllm_t2l_load", False)
 
 
 def install() -> bool:

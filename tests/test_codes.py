@@ -1,0 +1,70 @@
+"""Tests for vllm_t2l.codes: a Zhyper adapter written as codes expands to exactly the generated adapter."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_generator
+
+from vllm_t2l import codes
+from vllm_t2l.lora import CONFIG_FILE, METADATA_FILE
+from vllm_t2l.names import parse
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NAMES = ["t2l:Talk like a pirate.", "t2l-mix:0.7*Talk like a pirate.||-0.3*Be kind.",
+         "t2l-mix[emb]:0.5*Answer tersely.||0.5*Be kind."]
+
+
+@pytest.fixture(scope="module")
+def square(tmp_path_factory, minilm):
+    return tiny_generator("zhyper-square", tmp_path_factory.mktemp("square"), minilm, seed=2)
+
+
+@pytest.mark.parametrize("which", ["zgen", "square"])
+def test_codes_folders_expand_to_the_generated_adapter(which, request, tmp_path):
+    gen = request.getfixturevalue(which)
+    specs = [parse(n) for n in NAMES]
+    basis = codes.save_basis(tmp_path, gen.checkpoint.hypernet)
+    c = gen.checkpoint.config
+    for i, (z, want) in enumerate(zip(gen.codes(specs), gen.generate(specs))):
+        folder = tmp_path / str(i)
+        codes.save(folder, z, basis, "tiny-llama", c.alpha, c.use_rslora, {"checkpoint": gen.id})
+        got = codes.expand(folder)
+        assert (got.alpha, got.use_rslora, got.rank) == (want.alpha, want.use_rslora, want.rank)
+        for m in want.A:
+            assert torch.equal(got.A[m], want.A[m]) and torch.equal(got.B[m], want.B[m])
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        assert (config["r"], config["lora_alpha"], config["target_modules"]) == (c.rank, c.alpha, ["q_proj", "v_proj"])
+        assert json.loads((folder / METADATA_FILE).read_text()) == {"checkpoint": gen.id, "basis": str(basis)}
+
+
+def test_codes_are_small(zgen, tmp_path):
+    basis = codes.save_basis(tmp_path, zgen.checkpoint.hypernet)
+    codes.save(tmp_path / "a", zgen.codes([parse(NAMES[0])])[0], basis, "m", 16.0, True, {})
+    full = zgen.generate([parse(NAMES[0])])[0].save_peft(tmp_path / "full", "m")
+    size = sum(f.stat().st_size for f in (tmp_path / "a").iterdir())
+    assert size < sum(f.stat().st_size for f in full.iterdir()) / 3
+
+
+def test_basis_is_written_once(zgen, tmp_path):
+    path = codes.save_basis(tmp_path, zgen.checkpoint.hypernet)
+    stamp = path.stat().st_mtime_ns
+    assert codes.save_basis(tmp_path, zgen.checkpoint.hypernet) == path and path.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [codes.BASIS_FILE]  # no partial file left behind
+
+
+def test_expanded_tensors_are_the_callers(zgen, tmp_path):
+    """vLLM scales a loaded adapter's B in place; that must not reach the shared basis."""
+    c = zgen.checkpoint.config
+    codes.save(tmp_path / "a", zgen.codes([parse(NAMES[0])])[0], codes.save_basis(tmp_path, zgen.checkpoint.hypernet),
+               "m", c.alpha, c.use_rslora, {})
+    first = codes.expand(tmp_path / "a")
+    want = {m: b.clone() for m, b in first.B.items()}
+    for m in first.A:
+        first.A[m].mul_(3)
+        first.B[m].mul_(3)
+    again = codes.expand(tmp_path / "a")
+    assert all(torch.equal(again.B[m], want[m]) for m in want)
