@@ -393,7 +393,7 @@ GROUPED_OPS = {f.__name__: f for f in (bgmv_shrink, bgmv_expand, bgmv_expand_sli
                                        sgmv_shrink, sgmv_expand, sgmv_expand_slice)}
 
 
-def _release(version: str) -> tuple[int, int] | None:
+def release(version: str) -> tuple[int, int] | None:
     """``"0.32.0+cpu"`` -> ``(0, 32)``."""
     m = re.match(r"(\d+)\.(\d+)", version)
     return (int(m[1]), int(m[2])) if m else None
@@ -434,7 +434,7 @@ def install() -> bool:
         return False
     import vllm
 
-    if _release(vllm.__version__) not in VERIFIED_RELEASES:
+    if release(vllm.__version__) not in VERIFIED_RELEASES:
         return False
     from vllm.platforms import current_platform
 

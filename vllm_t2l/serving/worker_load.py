@@ -48,9 +48,9 @@ def install() -> bool:
     import vllm
     from vllm.lora.lora_model import LoRAModel
 
-    from vllm_t2l.serving.cpu_ops import _release
+    from vllm_t2l.serving.cpu_ops import release
 
-    if _release(vllm.__version__) not in VERIFIED_RELEASES:
+    if release(vllm.__version__) not in VERIFIED_RELEASES:
         return False
     if getattr(LoRAModel, "_vllm_t2l_load", False):
         return True
