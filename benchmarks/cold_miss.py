@@ -96,7 +96,7 @@ def markdown(s: dict, ctx: dict, n: int, flags: list[str]) -> str:
              *report.table(["stage", "p50", "p95"], [
                  ["embed the description", s["embed"]["p50"], s["embed"]["p95"]],
                  ["hypernetwork forward", s["hypernet"]["p50"], s["hypernet"]["p95"]],
-                 ["hand-off: write the PEFT folder", s["write"]["p50"], s["write"]["p95"]],
+                 ["hand-off: write the adapter folder (codes, or weights)", s["write"]["p50"], s["write"]["p95"]],
                  ["vLLM load + first token (+ thread hop)", s["rest"]["p50"], s["rest"]["p95"]]]),
              "", f"Extra time of a t2l: miss over the extra time of a filesystem load: "
                  f"**{s['ratio_p50']:.2f}x** at p50, {s['ratio_p95']:.2f}x at p95 "

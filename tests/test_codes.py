@@ -38,7 +38,19 @@ def test_codes_folders_expand_to_the_generated_adapter(which, request, tmp_path)
             assert torch.equal(got.A[m], want.A[m]) and torch.equal(got.B[m], want.B[m])
         config = json.loads((folder / CONFIG_FILE).read_text())
         assert (config["r"], config["lora_alpha"], config["target_modules"]) == (c.rank, c.alpha, ["q_proj", "v_proj"])
-        assert json.loads((folder / METADATA_FILE).read_text()) == {"checkpoint": gen.id, "basis": str(basis)}
+        meta = json.loads((folder / METADATA_FILE).read_text())
+        assert meta == {"checkpoint": gen.id, "basis": f"../{codes.BASIS_FILE}"}
+
+
+def test_a_moved_cache_still_finds_its_basis(zgen, tmp_path):
+    c = zgen.checkpoint.config
+    z = zgen.codes([parse(NAMES[0])])[0]
+    (tmp_path / "old").mkdir()
+    basis = codes.save_basis(tmp_path / "old", zgen.checkpoint.hypernet)
+    codes.save(tmp_path / "old" / "a", z, basis, "m", c.alpha, c.use_rslora, {})
+    (tmp_path / "old").rename(tmp_path / "new")
+    got, want = codes.expand(tmp_path / "new" / "a"), zgen.generate([parse(NAMES[0])])[0]
+    assert all(torch.equal(got.A[m], want.A[m]) for m in want.A)
 
 
 def test_codes_are_small(zgen, tmp_path):

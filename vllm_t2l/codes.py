@@ -44,13 +44,15 @@ def save(folder: Path, codes: dict[str, Tensor], basis: Path, base_model: str, a
     folder.mkdir(parents=True, exist_ok=True)
     tensorfile.save(folder / CODES_FILE, [([m], z.detach().float()) for m, z in codes.items()], {"format": "pt"})
     rank = next(iter(codes.values())).shape[2]
-    write_config(folder, base_model, rank, alpha, use_rslora, list(codes), {**metadata, "basis": str(basis)})
+    # Relative, so the folder still finds its basis after the cache directory moves.
+    write_config(folder, base_model, rank, alpha, use_rslora, list(codes),
+                 {**metadata, "basis": os.path.relpath(basis, folder)})
 
 
 def expand(folder: Path) -> LoRAWeights:
     """The adapter a codes folder stands for (as ``Generator.generate`` would have returned it), in
     tensors of its own: vLLM scales B in place when it loads an adapter, so the basis is copied."""
-    basis_file = json.loads((folder / METADATA_FILE).read_text())["basis"]
+    basis_file = os.path.normpath(folder / json.loads((folder / METADATA_FILE).read_text())["basis"])
     if basis_file not in _bases:
         _bases[basis_file] = tensorfile.load(basis_file)
     basis = _bases[basis_file]

@@ -41,6 +41,21 @@ def test_write_saves_folders_and_observes_each_stage_once_per_batch(coded, tiny_
         assert REGISTRY.get_sample_value("vllm_t2l:stage_seconds_sum", {"stage": stage}) > 0
 
 
+@pytest.mark.parametrize("reads_codes", [False, True], ids=["vLLM reads weights", "vLLM reads codes"])
+def test_each_hand_off_keeps_its_own_cache(reads_codes, tiny_checkpoint, monkeypatch, tmp_path):
+    """Codes folders are only readable through our worker loader: a server without it never adopts them."""
+    from conftest import TINY_CONFIG
+
+    from vllm_t2l.serving import worker_load
+
+    monkeypatch.setattr(worker_load, "installed", lambda: reads_codes)
+    resolver = T2LResolver(Settings(checkpoint=str(tiny_checkpoint), cache_dir=str(tmp_path)))
+    resolver.start(TINY_CONFIG, "tiny-llama", max_lora_rank=8)
+    kind = "codes" if reads_codes else "weights"
+    assert resolver.cache.root == tmp_path / resolver.generator.id / kind
+    assert (resolver.basis == resolver.cache.root / codes.BASIS_FILE) if reads_codes else resolver.basis is None
+
+
 def test_names_it_does_not_own_resolve_to_none():
     """Other resolvers (vLLM's filesystem resolver) see every name that is not t2l:/t2l-mix:."""
     assert asyncio.run(T2LResolver(Settings()).resolve_lora("base", "my-adapter")) is None

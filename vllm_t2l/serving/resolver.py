@@ -104,10 +104,13 @@ class T2LResolver(LoRAResolver):
             raise ValueError(f"checkpoint rank {ckpt.config.rank} exceeds --max-lora-rank {max_lora_rank}")
         self.catalog = names.load_catalog(s.catalog) if s.catalog else {}
         root = Path(s.cache_dir) if s.cache_dir else home() / "adapters"
-        self.cache = AdapterCache(root / ckpt.id, CacheLimits(s.cache_max_adapters, s.cache_max_bytes,
-                                                              s.cache_grace_s), self._evicted)
+        by_codes = self.generator.zhyper and worker_load.installed()
+        # One folder per hand-off kind: a vLLM that cannot read codes never adopts codes folders.
+        self.cache = AdapterCache(root / ckpt.id / ("codes" if by_codes else "weights"),
+                                  CacheLimits(s.cache_max_adapters, s.cache_max_bytes, s.cache_grace_s),
+                                  self._evicted)
         self.max_lora_rank, self.base_model = max_lora_rank, base_model
-        if self.generator.zhyper and worker_load.installed():
+        if by_codes:
             self.basis = codes.save_basis(self.cache.root, ckpt.hypernet)
         self._update_gauges()
         state = "TRAINED" if ckpt.trained else "UNTRAINED (adapters will not follow descriptions)"
