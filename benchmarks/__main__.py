@@ -20,25 +20,32 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from benchmarks import report
 from vllm_t2l.models import STATIC_CHECKPOINT
 
-# name, flags for --quick (None: not run with --quick), --out folder under the results folder, long (tens of minutes)
-BENCHMARKS: list[tuple[str, list[str] | None, str, bool]] = [
-    ("hypernet_speed", ["--repeats", "5"], ".", False),
-    ("cpu_lora_ops", [], ".", False),
-    ("cold_miss", ["--descriptions", "3"], ".", False),
-    ("cold_miss_static", ["--descriptions", "3"], "cold-miss-static", False),
-    ("throughput", ["--k", "1,4", "--min-requests", "4", "--rounds", "1", "--max-tokens", "16"], ".", False),
-    ("scale", ["--n", "40", "--chunk", "20"], ".", True),
-    ("control", None, "control", True),
-    ("quality", None, ".", True),  # trains its baselines under runs/; writes quality/ itself
+
+class Bench(NamedTuple):
+    name: str
+    quick: list[str] | None  # flags for --quick; None: not run with --quick
+    folder: str = "."  # --out folder under the results folder
+    long: bool = False  # tens of minutes
+    module: str = ""  # another benchmark's module, run with `flags` (empty: benchmarks.<name>)
+    flags: tuple[str, ...] = ()
+
+
+BENCHMARKS = [
+    Bench("hypernet_speed", ["--repeats", "5"]),
+    Bench("cpu_lora_ops", []),
+    Bench("cold_miss", ["--descriptions", "3"]),
+    Bench("cold_miss_static", ["--descriptions", "3"], "cold-miss-static", module="cold_miss",
+          flags=("--checkpoint", str(STATIC_CHECKPOINT))),
+    Bench("throughput", ["--k", "1,4", "--min-requests", "4", "--rounds", "1", "--max-tokens", "16"]),
+    Bench("scale", ["--n", "40", "--chunk", "20"], long=True),
+    Bench("control", None, "control", long=True),
+    Bench("quality", None, long=True),  # trains its baselines under runs/; writes quality/ itself
 ]
-
-
-# benchmarks that are another one's module with extra flags
-VARIANTS = {"cold_miss_static": ("cold_miss", ["--checkpoint", str(STATIC_CHECKPOINT)])}
 
 
 def _load(out: Path, name: str) -> dict | None:
@@ -77,13 +84,14 @@ def _bars(out: Path) -> list[tuple[str, str, str, str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    names = [b[0] for b in BENCHMARKS]
+    names = [b.name for b in BENCHMARKS]
     parser.add_argument("--only", default="", help=f"comma-separated subset of {','.join(names)}")
     parser.add_argument("--skip", default="", help="comma-separated benchmarks to leave out (e.g. quality,control)")
     parser.add_argument("--skip-long", action="store_true", help="leave out " +
-                        ",".join(b[0] for b in BENCHMARKS if b[3]))
+                        ",".join(b.name for b in BENCHMARKS if b.long))
+    unquick = ",".join(b.name for b in BENCHMARKS if b.quick is None)
     parser.add_argument("--quick", action="store_true", help="small settings, results in a temporary folder: checks "
-                        "the pipeline only (leaves out " + ",".join(b[0] for b in BENCHMARKS if b[1] is None) + ")")
+                        f"the pipeline only (leaves out {unquick})")
     parser.add_argument("--out", type=Path, help=f"results folder (default: {report.RESULTS})")
     args = parser.parse_args()
     if args.out is None:
@@ -95,14 +103,14 @@ def main() -> None:
             parser.error(f"unknown benchmark {n!r}; known: {', '.join(names)}")
     (args.out / "logs").mkdir(parents=True, exist_ok=True)
     runs = []
-    for name, quick, folder, long in BENCHMARKS:
-        if (only and name not in only) or name in skip or (args.skip_long and long) or (args.quick and quick is None):
-            continue
-        module, extra = VARIANTS.get(name, (name, []))
+    chosen = [b for b in BENCHMARKS if (not only or b.name in only) and b.name not in skip
+              and not (args.skip_long and b.long) and not (args.quick and b.quick is None)]
+    for b in chosen:
+        name, module = b.name, b.module or b.name
         if importlib.util.find_spec(f"benchmarks.{module}") is None:
             runs.append({"name": name, "status": "missing", "command": "", "seconds": 0.0})
             continue
-        flags = extra + (quick or [] if args.quick else []) + ["--out", str(args.out / folder)]
+        flags = [*b.flags, *(b.quick or [] if args.quick else []), "--out", str(args.out / b.folder)]
         cmd = [sys.executable, "-m", f"benchmarks.{module}", *flags]
         print(f"== {name}: {shlex.join(['python', *cmd[1:]])}", flush=True)
         start = time.perf_counter()

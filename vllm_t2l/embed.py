@@ -27,27 +27,21 @@ class Embedder:
     """A sentence-transformers model loaded from a local path (never a hub download)."""
 
     def __init__(self, config: EmbedderConfig, path: str, device: str = "cpu"):
-        from sentence_transformers import SentenceTransformer
-
         self.config = config
-        self.model = SentenceTransformer(path, device=device, local_files_only=True)
+        self.model = _load(path, device, config.max_tokens)
         pooling, got = _pooling(self.model), self.model.get_embedding_dimension()
         if pooling and pooling != config.pooling:
             raise ValueError(f"embedder {path} pools by {pooling!r}; the checkpoint expects {config.pooling!r}")
         if got != config.dim:
             raise ValueError(f"embedder {path} gives {got}-d vectors; the checkpoint expects {config.dim}")
-        _truncate(self.model, config.max_tokens)
 
     @classmethod
     def describe(cls, path: str, name: str, device: str = "cpu") -> Embedder:
         """Load a new embedder and record what it is (for a checkpoint about to be trained)."""
         self = cls.__new__(cls)
-        from sentence_transformers import SentenceTransformer
-
-        self.model = SentenceTransformer(path, device=device, local_files_only=True)
+        self.model = _load(path, device, EmbedderConfig.max_tokens)
         self.config = EmbedderConfig(name=name, dim=self.model.get_embedding_dimension(),
                                      pooling=_pooling(self.model) or "mean")
-        _truncate(self.model, self.config.max_tokens)
         return self
 
     @torch.no_grad()
@@ -57,11 +51,15 @@ class Embedder:
         return scale(emb, self.config.scale_sqrt_dim)
 
 
-def _truncate(model, max_tokens: int) -> None:
+def _load(path: str, device: str, max_tokens: int):
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(path, device=device, local_files_only=True)
     try:
         model.max_seq_length = max_tokens
     except AttributeError:  # a static (lookup-table) embedder has no length limit to set
         pass
+    return model
 
 
 def _pooling(model) -> str | None:
