@@ -32,7 +32,7 @@ def test_codes_folders_expand_to_the_generated_adapter(which, request, tmp_path)
     for i, (z, want) in enumerate(zip(gen.codes(specs), gen.generate(specs))):
         folder = tmp_path / str(i)
         codes.save(folder, z, basis, "tiny-llama", c.alpha, c.use_rslora, {"checkpoint": gen.id})
-        got = codes.expand(folder)
+        got = codes.expand(folder, c.alpha, c.use_rslora)
         assert (got.alpha, got.use_rslora, got.rank) == (want.alpha, want.use_rslora, want.rank)
         for m in want.A:
             assert torch.equal(got.A[m], want.A[m]) and torch.equal(got.B[m], want.B[m])
@@ -49,7 +49,7 @@ def test_a_moved_cache_still_finds_its_basis(zgen, tmp_path):
     basis = codes.save_basis(tmp_path / "old", zgen.checkpoint.hypernet)
     codes.save(tmp_path / "old" / "a", z, basis, "m", c.alpha, c.use_rslora, {})
     (tmp_path / "old").rename(tmp_path / "new")
-    got, want = codes.expand(tmp_path / "new" / "a"), zgen.generate([parse(NAMES[0])])[0]
+    got, want = codes.expand(tmp_path / "new" / "a", c.alpha, c.use_rslora), zgen.generate([parse(NAMES[0])])[0]
     assert all(torch.equal(got.A[m], want.A[m]) for m in want.A)
 
 
@@ -73,10 +73,10 @@ def test_expanded_tensors_are_the_callers(zgen, tmp_path):
     c = zgen.checkpoint.config
     codes.save(tmp_path / "a", zgen.codes([parse(NAMES[0])])[0], codes.save_basis(tmp_path, zgen.checkpoint.hypernet),
                "m", c.alpha, c.use_rslora, {})
-    first = codes.expand(tmp_path / "a")
+    first = codes.expand(tmp_path / "a", c.alpha, c.use_rslora)
     want = {m: b.clone() for m, b in first.B.items()}
     for m in first.A:
         first.A[m].mul_(3)
         first.B[m].mul_(3)
-    again = codes.expand(tmp_path / "a")
+    again = codes.expand(tmp_path / "a", c.alpha, c.use_rslora)
     assert all(torch.equal(again.B[m], want[m]) for m in want)

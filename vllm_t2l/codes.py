@@ -18,7 +18,7 @@ from torch import Tensor
 
 from vllm_t2l import tensorfile
 from vllm_t2l.hypernet import HyperNet, expand_codes
-from vllm_t2l.lora import CONFIG_FILE, METADATA_FILE, LoRAWeights, write_config
+from vllm_t2l.lora import METADATA_FILE, LoRAWeights, write_config
 
 CODES_FILE = "vllm_t2l_codes.safetensors"
 BASIS_FILE = "basis.safetensors"
@@ -49,15 +49,14 @@ def save(folder: Path, codes: dict[str, Tensor], basis: Path, base_model: str, a
                  {**metadata, "basis": os.path.relpath(basis, folder)})
 
 
-def expand(folder: Path) -> LoRAWeights:
+def expand(folder: Path, alpha: float, use_rslora: bool) -> LoRAWeights:
     """The adapter a codes folder stands for (as ``Generator.generate`` would have returned it), in
-    tensors of its own: vLLM scales B in place when it loads an adapter, so the basis is copied."""
+    tensors of its own: vLLM scales B in place when it loads an adapter, so the basis is copied.
+    ``alpha`` and ``use_rslora`` are the folder's PEFT config, which the loader has already read."""
     basis_file = os.path.normpath(folder / json.loads((folder / METADATA_FILE).read_text())["basis"])
     if basis_file not in _bases:
         _bases[basis_file] = tensorfile.load(basis_file)
     basis = _bases[basis_file]
-    config = json.loads((folder / CONFIG_FILE).read_text())
     codes = tensorfile.load(folder / CODES_FILE)
     return LoRAWeights({m: expand_codes(z[None], basis[f"{m}.A"])[0] for m, z in codes.items()},
-                       {m: basis[f"{m}.B"].clone() for m in codes}, float(config["lora_alpha"]),
-                       bool(config.get("use_rslora", False)))
+                       {m: basis[f"{m}.B"].clone() for m in codes}, alpha, use_rslora)

@@ -43,7 +43,7 @@ def folders(tmp_path):
 
 def test_our_folders_load_as_vllm_loads_them(folders, monkeypatch):
     read = []
-    monkeypatch.setattr(worker_load, "read_ours", lambda d, f=worker_load.read_ours: read.append(d) or f(d))
+    monkeypatch.setattr(worker_load, "read_ours", lambda d, h, f=worker_load.read_ours: read.append(d) or f(d, h))
     ours, plain = load(folders[0]), load(folders[1])
     assert read == [folders[0], folders[1]]  # the plain folder is looked at, then left to vLLM
     assert ours.id == plain.id == 7 and ours.rank == plain.rank and ours.loras.keys() == plain.loras.keys()
@@ -68,7 +68,7 @@ def test_unreadable_weights_fall_back_to_vllms_loader(folders, caplog):
 
 
 def test_special_loads_go_to_vllm(folders, monkeypatch):
-    monkeypatch.setattr(worker_load, "read_ours", lambda d: pytest.fail("fast path taken"))
+    monkeypatch.setattr(worker_load, "read_ours", lambda d, h: pytest.fail("fast path taken"))
     load(folders[0], skip_prefixes=["mtp."])
     peft = PEFTHelper.from_local_dir(str(folders[0]), 2048)
     assert LoRAModel.from_local_checkpoint(str(folders[0]), EXPECTED, peft, device="cpu").loras

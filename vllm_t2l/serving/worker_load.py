@@ -23,13 +23,13 @@ log = logging.getLogger("vllm.t2l")
 VERIFIED_RELEASES = {(0, 32)}  # releases whose from_local_checkpoint was read against this
 
 
-def read_ours(lora_dir: Path) -> dict | None:
+def read_ours(lora_dir: Path, peft_helper) -> dict | None:
     """The folder's tensors if it is one of ours that reads cleanly, else None."""
     if not (lora_dir / METADATA_FILE).is_file():
         return None
     try:
         if (lora_dir / codes.CODES_FILE).is_file():
-            return codes.expand(lora_dir).state_dict()
+            return codes.expand(lora_dir, peft_helper.lora_alpha, peft_helper.use_rslora).state_dict()
         return tensorfile.load(lora_dir / WEIGHTS_FILE)
     except (OSError, ValueError, KeyError, TypeError) as e:
         log.warning("vllm-t2l: %s not read by the fast path (%s); using vLLM's loader", lora_dir, e)
@@ -60,7 +60,7 @@ def install() -> bool:
     def from_local_checkpoint(cls, lora_dir, expected_lora_modules, peft_helper, *, lora_model_id=None,
                               skip_prefixes=None, moe_ep_spec=None, **kwargs):
         plain = lora_model_id is not None and not skip_prefixes and moe_ep_spec is None
-        tensors = read_ours(Path(lora_dir)) if plain else None
+        tensors = read_ours(Path(lora_dir), peft_helper) if plain else None
         if tensors is not None:
             lora = cls.from_lora_tensors(lora_model_id=lora_model_id, tensors=tensors, peft_helper=peft_helper,
                                          **kwargs)
