@@ -1,4 +1,4 @@
-"""Hypernetwork throughput per architecture, and embed + forward latency of the shipped checkpoint.
+"""Hypernetwork throughput per architecture, and embed + forward latency of the shipped checkpoints.
 
     python -m benchmarks.hypernet_speed [--device cpu] [--repeats 30] [--batches 1,4,16,64] [--out DIR]
 
@@ -46,19 +46,23 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     lines = ["# Hypernetwork speed", "", f"device: {args.device}, torch threads: {torch.get_num_threads()}", "",
-             "## Embed + forward, one description, shipped checkpoint", ""]
+             "## Embed + forward, one new description per call, shipped checkpoints", "",
+             "| checkpoint | embedder | p50 ms | p95 ms |", "|---|---|---|---|"]
 
     from vllm_t2l.generator import Generator
-    from vllm_t2l.models import DEFAULT_CHECKPOINT
+    from vllm_t2l.models import MINILM_CHECKPOINT, STATIC_CHECKPOINT
     from vllm_t2l.names import spec_from_parts
 
-    gen = Generator.load(DEFAULT_CHECKPOINT, device=args.device)
-    specs = [spec_from_parts([f"Answer like a patient tutor, variant {i}."]) for i in range(args.repeats + 1)]
-    it = iter(specs)
-    ms = timed(lambda: gen.generate([next(it)]), args.repeats)
-    one = {"p50": statistics.median(ms), "p95": sorted(ms)[int(0.95 * len(ms)) - 1], "n": len(ms)}
-    lines += [f"p50 {one['p50']:.1f} ms, p95 {one['p95']:.1f} ms "
-              f"({gen.checkpoint.config.arch}; new description each call)", ""]
+    embed_forward = {}
+    for folder in (MINILM_CHECKPOINT, STATIC_CHECKPOINT):
+        gen = Generator.load(folder, device=args.device)
+        specs = [spec_from_parts([f"Answer like a patient tutor, variant {i}."]) for i in range(args.repeats + 1)]
+        it = iter(specs)
+        ms = timed(lambda g=gen, i=it: g.generate([next(i)]), args.repeats)
+        one = embed_forward[folder.name] = {"p50": statistics.median(ms), "n": len(ms),
+                                            "p95": sorted(ms)[int(0.95 * len(ms)) - 1]}
+        lines.append(f"| {folder.name} | {gen.checkpoint.embedder.name} | {one['p50']:.1f} | {one['p95']:.1f} |")
+    lines.append("")
     rows = []
 
     lines += ["## Forward pass only (latent 128, head_in 512, rank 8)", "",
@@ -79,7 +83,7 @@ def main() -> None:
     ctx = report.context("benchmarks.hypernet_speed")
     out = report.write(args.out, "hypernet_speed", "\n".join(lines),
                        {"context": ctx, "device": args.device, "threads": torch.get_num_threads(),
-                        "embed_forward_ms": one, "forward": rows})
+                        "embed_forward_ms": embed_forward, "forward": rows})
     plot(rows, args.out / "hypernet_speed.png")
     print(out.read_text())
 

@@ -49,8 +49,9 @@ def test_broken_checkpoint_is_named(no_prepare, tmp_path):
         cli.serve_command([], str(tmp_path), None, None)
 
 
-def test_list_flags_are_split_on_commas(monkeypatch, tmp_path):
-    """Tuple fields of the train/eval configs take comma-separated lists (not one string, not its characters)."""
+def test_list_and_switch_flags_parse(monkeypatch, tmp_path):
+    """Tuple fields of the train/eval configs take comma-separated lists (not one string, not its characters);
+    bool fields are --name / --no-name switches."""
     seen = {}
 
     def fake_evaluate(cfg):
@@ -61,6 +62,8 @@ def test_list_flags_are_split_on_commas(monkeypatch, tmp_path):
     monkeypatch.setattr("vllm_t2l.train.evaluate.evaluate", fake_evaluate)
     monkeypatch.setattr("vllm_t2l.train.loop.train", lambda cfg: seen.setdefault("train", cfg))
     cli.main(["eval", "--checkpoint", "a", "--compare", "b,c/d", "--out", str(tmp_path)])
+    assert seen["eval"].compare == ("b", "c/d") and seen["eval"].compliance is True
+    cli.main(["eval", "--checkpoint", "a", "--no-compliance", "--out", str(tmp_path)])
+    assert seen["eval"].compliance is False
     cli.main(["train", "--target-modules", "q_proj,v_proj,", "--prompt-ids", "p1"])
-    assert seen["eval"].compare == ("b", "c/d")
     assert seen["train"].target_modules == ("q_proj", "v_proj") and seen["train"].prompt_ids == ("p1",)

@@ -149,14 +149,17 @@ def _dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
     for f in fields(cls):
         if f.name == "extra":
             continue
-        default = f.default
+        default, flag = f.default, "--" + f.name.replace("_", "-")
         if default is MISSING:
-            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, required=True)
+            parser.add_argument(flag, dest=f.name, required=True)
+            continue
+        if isinstance(default, bool):  # --name / --no-name: type=bool would read "False" as True
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"(default: {'on' if default else 'off'})")
             continue
         kind = _comma_list if isinstance(default, tuple) else type(default)
         shown = ",".join(default) if isinstance(default, tuple) else default
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
-                            help=f"(default: {shown!r})")
+        parser.add_argument(flag, dest=f.name, type=kind, default=None, help=f"(default: {shown!r})")
 
 
 def main(argv: list[str] | None = None) -> None:

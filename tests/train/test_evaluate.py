@@ -1,14 +1,15 @@
-from vllm_t2l.train.evaluate import write_report
+from vllm_t2l.train.evaluate import setup_name, write_report
 
 
-def _row(kl: float, gap: float) -> dict:
-    return {"kl": kl, "gap_closed": gap, "compliance": 0.0, "n_checked": 2, "n": 4}
+def _row(kl: float, gap: float, n_checked: int = 2) -> dict:
+    return {"kl": kl, "gap_closed": gap, "compliance": 0.0 if n_checked else float("nan"), "n_checked": n_checked,
+            "n": 4}
 
 
 def test_report_names_every_checkpoint(tmp_path):
     result = {
         "all": {"base (no prompt)": _row(0.12, 0.0), "generated adapter": _row(0.06, 0.5),
-                "generated adapter, t2l-L (4.57M)": _row(0.07, 0.4)},
+                "generated adapter, t2l-L (4.57M)": _row(0.07, 0.4, n_checked=0)},
         "context_tokens_saved_per_request": 11.4,
         "checkpoint": {"arch": "zhyper-diag", "params": 1000},
         "checkpoints": {"generated adapter": {"path": "a/ckpt", "id": "abc", "steps": 700},
@@ -16,7 +17,17 @@ def test_report_names_every_checkpoint(tmp_path):
     }
     write_report(result, tmp_path)
     md = (tmp_path / "quality.md").read_text()
-    assert "| generated adapter | 0.0600 | 50.0% |" in md
+    assert "| generated adapter | 0.0600 | 50.0% | 0.0% (2) | 4 |" in md
+    assert "| generated adapter, t2l-L (4.57M) | 0.0700 | 40.0% | not measured | 4 |" in md  # eval --no-compliance
     assert "| generated adapter | `a/ckpt` | abc | 700 |" in md
     assert "| generated adapter, t2l-L (4.57M) | `b/ckpt` | def | ? |" in md
     assert (tmp_path / "quality.png").exists()
+
+
+def test_compared_checkpoints_of_one_size_keep_their_own_rows():
+    info = {"arch": "zhyper-diag", "params": 1_080_000}
+    taken = {"generated adapter": 0}
+    for i in (1, 2):
+        taken[setup_name(i, info, taken)] = i
+    assert list(taken) == ["generated adapter", "generated adapter, zhyper-diag (1.08M)",
+                           "generated adapter, zhyper-diag (1.08M) #2"]

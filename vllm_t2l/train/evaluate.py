@@ -3,7 +3,8 @@
 On held-out descriptions (held-out prompts and whole held-out families) and held-out queries:
 - mean per-token KL(teacher || model) for: the base model without the prompt; a description-blind
   multi-task LoRA; the generated adapter; a per-prompt oracle LoRA; the prompt in context (0);
-- compliance with the program-checkable prompts, for the same five;
+- compliance with the program-checkable prompts, for the same five (``--no-compliance`` skips the vLLM
+  answers it needs: KL only, a few minutes instead of tens);
 - context tokens saved per request versus sending the description as the system prompt.
 """
 
@@ -36,6 +37,7 @@ class EvalConfig:
     top_k: int = 16
     batch_size: int = 16
     seed: int = 1
+    compliance: bool = True  # off: KL only, in minutes; compliance needs every setup's answers from vLLM
 
 
 def heldout_triples(cfg: EvalConfig) -> list[tuple[dict, str, dict]]:
@@ -99,7 +101,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     for i, path in enumerate((cfg.checkpoint, *cfg.compare)):
         g = gen if i == 0 else Generator.load(path)
         info = _checkpoint_info(path, g)
-        name = "generated adapter" if i == 0 else f"generated adapter, {info['arch']} ({info['params'] / 1e6:.2f}M)"
+        name = setup_name(i, info, setups)
         setups[name] = _generated_setup(g, samples, work / "adapters" / f"checkpoint-{i}", model_dir.name)
         checkpoints[name] = info
     if cfg.multitask:
@@ -117,12 +119,14 @@ def evaluate(cfg: EvalConfig) -> dict:
         subset = [s for s in samples if name != "oracle LoRA" or s.prompt_id in oracle]
         rows[name] = {"samples": subset, "kl": kl_per_sample(student, subset, lora_of, cfg, name)}
         jobs += [(name, s) for s in subset]
-    from vllm_t2l.serving.offline import answer
+    if cfg.compliance:
+        from vllm_t2l.serving.offline import answer
 
-    outs = answer(model_dir, [[{"role": "user", "content": s.query}] for _, s in jobs], cfg.max_new_tokens, 1,
-                  adapters=[setups[name][1](s) for name, s in jobs])
-    for (name, _), a in zip(jobs, outs):
-        rows[name].setdefault("answers", []).append(student.tokenizer.decode(a.token_ids, skip_special_tokens=True))
+        outs = answer(model_dir, [[{"role": "user", "content": s.query}] for _, s in jobs], cfg.max_new_tokens, 1,
+                      adapters=[setups[name][1](s) for name, s in jobs])
+        for (name, _), a in zip(jobs, outs):
+            rows[name].setdefault("answers", []).append(
+                student.tokenizer.decode(a.token_ids, skip_special_tokens=True))
     teacher_answers = [student.tokenizer.decode(s.response, skip_special_tokens=True) for s in samples]
     rows["prompt in context"] = {"samples": samples, "kl": [0.0] * len(samples), "answers": teacher_answers}
     oracle_ids = set(oracle)
@@ -132,7 +136,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         pick = [i for i, s in enumerate(row["samples"]) if only is None or s.prompt_id in only]
         kl = sum(row["kl"][i] for i in pick) / max(1, len(pick))
         checked = [(row["answers"][i], prompts[row["samples"][i].prompt_id]["check"]) for i in pick
-                   if prompts[row["samples"][i].prompt_id].get("check")]
+                   if "answers" in row and prompts[row["samples"][i].prompt_id].get("check")]
         comply = sum(checks.check(spec, a) for a, spec in checked) / len(checked) if checked else float("nan")
         return {"kl": kl, "compliance": comply, "n": len(pick), "n_checked": len(checked)}
 
@@ -150,6 +154,15 @@ def evaluate(cfg: EvalConfig) -> dict:
     (out / "quality.json").write_text(json.dumps(result, indent=2))
     write_report(result, out)
     return result
+
+
+def setup_name(i: int, info: dict, taken) -> str:
+    """The main checkpoint is "generated adapter"; compared ones are named by architecture and size, numbered
+    when two share both (else the second would overwrite the first's row)."""
+    if i == 0:
+        return "generated adapter"
+    name = f"generated adapter, {info['arch']} ({info['params'] / 1e6:.2f}M)"
+    return f"{name} #{i}" if name in taken else name
 
 
 def _checkpoint_info(path: str, gen: Generator) -> dict:
@@ -175,8 +188,8 @@ def write_report(result: dict, out: Path) -> None:
         lines += [f"## {part}", "", "| setup | KL per token | share of base gap closed | compliance | samples |",
                   "|---|---|---|---|---|"]
         for name, v in table.items():
-            lines.append(f"| {name} | {v['kl']:.4f} | {v['gap_closed']:.1%} | {v['compliance']:.1%} "
-                         f"({v['n_checked']}) | {v['n']} |")
+            comply = f"{v['compliance']:.1%} ({v['n_checked']})" if v["n_checked"] else "not measured"
+            lines.append(f"| {name} | {v['kl']:.4f} | {v['gap_closed']:.1%} | {comply} | {v['n']} |")
         lines.append("")
     lines.append(f"Context tokens saved per request: {result['context_tokens_saved_per_request']:.1f}")
     if checkpoints := result.get("checkpoints"):
