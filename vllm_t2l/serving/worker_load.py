@@ -52,7 +52,7 @@ def install() -> bool:
 
     if release(vllm.__version__) not in VERIFIED_RELEASES:
         return False
-    if getattr(LoRAModel, "_vllm_t2l_load", False):
+    if installed():
         return True
     original = LoRAModel.from_local_checkpoint.__func__
 

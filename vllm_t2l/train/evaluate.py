@@ -114,14 +114,13 @@ def evaluate(cfg: EvalConfig) -> dict:
         setups["oracle LoRA"] = (lambda s: oracle[s.prompt_id], lambda s: str(Path(cfg.oracles) / s.prompt_id))
 
     rows: dict[str, dict] = {}
-    jobs = []  # (setup, sample) pairs whose answers vLLM writes in one engine run
     for name, (lora_of, _) in setups.items():
         subset = [s for s in samples if name != "oracle LoRA" or s.prompt_id in oracle]
         rows[name] = {"samples": subset, "kl": kl_per_sample(student, subset, lora_of, cfg, name)}
-        jobs += [(name, s) for s in subset]
     if cfg.compliance:
         from vllm_t2l.serving.offline import answer
 
+        jobs = [(name, s) for name, row in rows.items() for s in row["samples"]]  # answered in one engine run
         outs = answer(model_dir, [[{"role": "user", "content": s.query}] for _, s in jobs], cfg.max_new_tokens, 1,
                       adapters=[setups[name][1](s) for name, s in jobs])
         for (name, _), a in zip(jobs, outs):
