@@ -18,11 +18,15 @@ import torch
 
 from benchmarks import report
 from vllm_t2l.hypernet import ARCHS, BaseShapes, HyperConfig, HyperNet
+from vllm_t2l.serving.resolver import Settings
 
 SHAPES = {
     "SmolLM2-135M": BaseShapes("SmolLM2-135M", 30, {"q_proj": (576, 576), "v_proj": (576, 192)}),
     "Mistral-7B": BaseShapes("Mistral-7B", 32, {"q_proj": (4096, 4096), "v_proj": (4096, 1024)}),
 }
+
+
+SERVED_THREADS = Settings.cpu_threads
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -45,23 +49,35 @@ def main() -> None:
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    lines = ["# Hypernetwork speed", "", f"device: {args.device}, torch threads: {torch.get_num_threads()}", "",
+    threads = torch.get_num_threads()
+    lines = ["# Hypernetwork speed", "", f"device: {args.device}, torch threads: {threads}", "",
              "## Embed + forward, one new description per call, shipped checkpoints", "",
-             "| checkpoint | embedder | p50 ms | p95 ms |", "|---|---|---|---|"]
+             f"On CPU the server runs these with {SERVED_THREADS} thread (`VLLM_T2L_CPU_THREADS`): vLLM's CPU worker "
+             "keeps the other cores.", "",
+             "| checkpoint | embedder | descriptions | threads | p50 ms | p95 ms |", "|---|---|---|---|---|---|"]
 
+    from benchmarks.server import descriptions
     from vllm_t2l.generator import Generator
     from vllm_t2l.models import MINILM_CHECKPOINT, STATIC_CHECKPOINT
     from vllm_t2l.names import spec_from_parts
 
+    texts = {"short": [f"Answer like a patient tutor, variant {i}." for i in range(args.repeats + 1)],
+             "cold-miss set": descriptions(args.repeats + 1)}
     embed_forward = {}
     for folder in (MINILM_CHECKPOINT, STATIC_CHECKPOINT):
         gen = Generator.load(folder, device=args.device)
-        specs = [spec_from_parts([f"Answer like a patient tutor, variant {i}."]) for i in range(args.repeats + 1)]
-        it = iter(specs)
-        ms = timed(lambda g=gen, i=it: g.generate([next(i)]), args.repeats)
-        one = embed_forward[folder.name] = {"p50": statistics.median(ms), "n": len(ms),
-                                            "p95": sorted(ms)[int(0.95 * len(ms)) - 1]}
-        lines.append(f"| {folder.name} | {gen.checkpoint.embedder.name} | {one['p50']:.1f} | {one['p95']:.1f} |")
+        for kind, descs in texts.items():
+            tokens = statistics.median(gen.embedder.model.preprocess([d])["input_ids"].numel() for d in descs)
+            for n in sorted({SERVED_THREADS, threads}) if args.device == "cpu" else [threads]:
+                torch.set_num_threads(n)
+                it = iter(spec_from_parts([d]) for d in descs)
+                ms = timed(lambda g=gen, i=it: g.generate([next(i)]), args.repeats)
+                label = f"{kind}, median {tokens:.0f} tokens"
+                one = embed_forward[f"{folder.name}, {label}, {n} thread{'s' * (n > 1)}"] = {
+                    "p50": statistics.median(ms), "n": len(ms), "p95": sorted(ms)[int(0.95 * len(ms)) - 1]}
+                lines.append(f"| {folder.name} | {gen.checkpoint.embedder.name} | {label} | {n} | {one['p50']:.1f} | "
+                             f"{one['p95']:.1f} |")
+    torch.set_num_threads(threads)
     lines.append("")
     rows = []
 

@@ -56,6 +56,20 @@ def test_each_hand_off_keeps_its_own_cache(reads_codes, tiny_checkpoint, monkeyp
     assert (resolver.basis == resolver.cache.root / codes.BASIS_FILE) if reads_codes else resolver.basis is None
 
 
+@pytest.mark.parametrize("threads", [0, 1, 3])
+def test_start_on_cpu_sets_the_threads_asked_for(threads, tiny_checkpoint, monkeypatch, tmp_path):
+    """vLLM's CPU worker leaves one core to the API server; the resolver keeps to it unless told otherwise."""
+    import torch
+    from conftest import TINY_CONFIG
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    resolver = T2LResolver(Settings(checkpoint=str(tiny_checkpoint), cache_dir=str(tmp_path), device="cpu",
+                                    cpu_threads=threads))
+    resolver.start(TINY_CONFIG, "tiny-llama", max_lora_rank=8)
+    assert calls == ([threads] if threads else [])
+
+
 def test_names_it_does_not_own_resolve_to_none():
     """Other resolvers (vLLM's filesystem resolver) see every name that is not t2l:/t2l-mix:."""
     assert asyncio.run(T2LResolver(Settings()).resolve_lora("base", "my-adapter")) is None

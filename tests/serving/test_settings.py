@@ -14,7 +14,7 @@ def test_defaults_from_empty_env():
     s = Settings.from_env({})
     assert s == Settings()
     assert s.checkpoint == "" and s.cache_max_adapters == 256 and s.cache_max_bytes == 2 << 30
-    assert s.cache_grace_s == 60.0 and s.max_batch == 64 and s.device == ""
+    assert s.cache_grace_s == 60.0 and s.max_batch == 64 and s.device == "" and s.cpu_threads == 1
 
 
 def test_parses_every_kind():
@@ -31,6 +31,7 @@ def test_parses_every_kind():
         "VLLM_T2L_MAX_ABS_WEIGHT": "1",
         "VLLM_T2L_MAX_BATCH": "7",
         "VLLM_T2L_DEVICE": "cpu",
+        "VLLM_T2L_CPU_THREADS": "0",
         "VLLM_T2L_UNRELATED": "ignored",
         "CACHE_MAX_ADAPTERS": "99",
     }
@@ -38,7 +39,7 @@ def test_parses_every_kind():
     assert s == Settings(checkpoint="/ckpt/x", embedder="/models/minilm", catalog="/etc/catalog.json",
                          cache_dir="/var/cache/t2l", cache_max_adapters=12, cache_max_bytes=1048576,
                          cache_grace_s=2.5, max_chars=300, max_terms=3, max_abs_weight=1.0, max_batch=7,
-                         device="cpu")
+                         device="cpu", cpu_threads=0)
     assert type(s.cache_max_adapters) is int and type(s.cache_grace_s) is float
     assert type(s.max_abs_weight) is float
 

@@ -38,6 +38,10 @@ class Settings:
     max_abs_weight: float = 2.0
     max_batch: int = 64  # descriptions per hypernetwork forward pass
     device: str = ""  # empty: cuda when available, else cpu
+    # On CPU, vLLM binds its worker's OpenMP threads to every core but one, which it leaves to the API
+    # server (where this resolver runs) and which the worker's idle polling spares: a second thread here
+    # would share the worker's core. 0 keeps torch's default.
+    cpu_threads: int = 1
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -96,6 +100,8 @@ class T2LResolver(LoRAResolver):
 
         s = self.settings
         device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cpu" and s.cpu_threads:
+            torch.set_num_threads(s.cpu_threads)
         self.generator = Generator.load(s.checkpoint or DEFAULT_CHECKPOINT, s.embedder or None, device)
         ckpt = self.generator.checkpoint
         served = BaseShapes.from_config(served_config, ckpt.config.target_modules, name=base_model)
@@ -114,9 +120,9 @@ class T2LResolver(LoRAResolver):
             self.basis = codes.save_basis(self.cache.root, ckpt.hypernet)
         self._update_gauges()
         state = "TRAINED" if ckpt.trained else "UNTRAINED (adapters will not follow descriptions)"
-        log.info("vllm-t2l: %s checkpoint %s (%s, id %s), embedder %s, %d catalog names, cache %s",
-                 state, s.checkpoint or DEFAULT_CHECKPOINT, ckpt.config.arch, ckpt.id,
-                 ckpt.embedder.name, len(self.catalog), self.cache.root)
+        log.info("vllm-t2l: %s checkpoint %s (%s, id %s), embedder %s on %s (%d threads), %d catalog names, "
+                 "cache %s", state, s.checkpoint or DEFAULT_CHECKPOINT, ckpt.config.arch, ckpt.id,
+                 ckpt.embedder.name, device, torch.get_num_threads(), len(self.catalog), self.cache.root)
 
     def _evicted(self, key: str, registered: set[str]) -> None:
         if self.on_evict:
