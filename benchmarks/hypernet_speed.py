@@ -24,9 +24,7 @@ SHAPES = {
     "SmolLM2-135M": BaseShapes("SmolLM2-135M", 30, {"q_proj": (576, 576), "v_proj": (576, 192)}),
     "Mistral-7B": BaseShapes("Mistral-7B", 32, {"q_proj": (4096, 4096), "v_proj": (4096, 1024)}),
 }
-
-
-SERVED_THREADS = Settings.cpu_threads
+SERVED_THREADS = Settings.cpu_threads  # what the resolver uses on CPU
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -74,7 +72,8 @@ def main() -> None:
                 ms = timed(lambda g=gen, i=it: g.generate([next(i)]), args.repeats)
                 label = f"{kind}, median {tokens:.0f} tokens"
                 one = embed_forward[f"{folder.name}, {label}, {n} thread{'s' * (n > 1)}"] = {
-                    "p50": statistics.median(ms), "n": len(ms), "p95": sorted(ms)[int(0.95 * len(ms)) - 1]}
+                    "p50": statistics.median(ms), "n": len(ms), "p95": sorted(ms)[int(0.95 * len(ms)) - 1],
+                    "descriptions": kind, "threads": n}
                 lines.append(f"| {folder.name} | {gen.checkpoint.embedder.name} | {label} | {n} | {one['p50']:.1f} | "
                              f"{one['p95']:.1f} |")
     torch.set_num_threads(threads)

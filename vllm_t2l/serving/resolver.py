@@ -38,9 +38,9 @@ class Settings:
     max_abs_weight: float = 2.0
     max_batch: int = 64  # descriptions per hypernetwork forward pass
     device: str = ""  # empty: cuda when available, else cpu
-    # On CPU, vLLM binds its worker's OpenMP threads to every core but one, which it leaves to the API
-    # server (where this resolver runs) and which the worker's idle polling spares: a second thread here
-    # would share the worker's core. 0 keeps torch's default.
+    # On CPU, vLLM binds its worker to every core but one, which it leaves to the API server (where this
+    # resolver runs); the worker polls on its cores for a second after each step, so a second thread here
+    # would share a core with it. 0 keeps torch's default.
     cpu_threads: int = 1
 
     @classmethod
