@@ -120,7 +120,7 @@ class T2LResolver(LoRAResolver):
             self.basis = codes.save_basis(self.cache.root, ckpt.hypernet)
         self._update_gauges()
         state = "TRAINED" if ckpt.trained else "UNTRAINED (adapters will not follow descriptions)"
-        log.info("vllm-t2l: %s checkpoint %s (%s, id %s), embedder %s on %s (%d threads), %d catalog names, "
+        log.info("vllm-t2l: %s checkpoint %s (%s, id %s), embedder %s on %s (torch threads: %d), %d catalog names, "
                  "cache %s", state, s.checkpoint or DEFAULT_CHECKPOINT, ckpt.config.arch, ckpt.id,
                  ckpt.embedder.name, device, torch.get_num_threads(), len(self.catalog), self.cache.root)
 
