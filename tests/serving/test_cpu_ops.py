@@ -6,6 +6,8 @@ dense per-token float64 reference written here, on mappings with -1 ("no adapter
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import vllm
@@ -378,12 +380,15 @@ def test_punica_cpu_wrapper_end_to_end(clean_install, is_prefill):
     torch.testing.assert_close(out[adapter], upstream_out[adapter])
 
 
+@pytest.mark.parametrize("inference", [False, True], ids=["versioned", "inference tensors"])
 @pytest.mark.parametrize("is_prefill", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
 @_cases({**NO_MINUS_ONE, **WITH_MINUS_ONE})
-def test_fused_linear_matches_dense(clean_install, is_prefill, dtype, mapping):
+def test_fused_linear_matches_dense(clean_install, is_prefill, dtype, mapping, inference):
     """The fused add_lora_linear (one shrink, one expand for all slices) on a q/k/v-like layer whose
-    middle slice no adapter targets, then after an adapter is loaded into that slice in place."""
+    middle slice no adapter targets; then after a load into that slice, then after a load replacing one
+    slot of the targeted slices. vLLM's tensors are inference tensors, whose memo a load refreshes slot
+    by slot; versioned tensors are rebuilt whole."""
     if not current_platform.is_cpu():
         pytest.skip("not on the CPU platform")
     from vllm.lora.layers import LoRAMapping
@@ -394,28 +399,34 @@ def test_fused_linear_matches_dense(clean_install, is_prefill, dtype, mapping):
     tokens = tuple(lora_ids[s] if s >= 0 else 0 for s in mapping)
     wrapper = PunicaWrapperCPU(64, len(mapping), device="cpu")  # room for one sequence per token
     wrapper.update_metadata(LoRAMapping(tokens, tokens, is_prefill=is_prefill), lora_ids, SLOTS, vocab_size=100)
+    load = cpu_ops._count_loads(lambda self, lora_id: True)
+    manager = SimpleNamespace(lora_index_to_id=lora_ids)
     widths = (OUT, OUT // 2, OUT // 2)
-    a = tuple(_weights(RANK, HIDDEN, dtype) for _ in widths)
-    b = tuple(_weights(w, RANK, dtype) for w in widths)
-    a[1].zero_()
-    b[1].zero_()
-    x = torch.randn(len(mapping), HIDDEN).to(dtype)
-    y = torch.randn(len(mapping), sum(widths)).to(dtype)
+    with torch.inference_mode(inference):
+        a = tuple(_weights(RANK, HIDDEN, dtype) for _ in widths)
+        b = tuple(_weights(w, RANK, dtype) for w in widths)
+        a[1].zero_()
+        b[1].zero_()
+        x = torch.randn(len(mapping), HIDDEN).to(dtype)
+        y = torch.randn(len(mapping), sum(widths)).to(dtype)
 
-    def want():
-        out = y.double().clone()
-        for t, s in enumerate(mapping):
-            if s >= 0:
-                out[t] += torch.cat([0.5 * x[t].double() @ a_i[s, 0].double().T @ b_i[s, 0].double().T
-                                     for a_i, b_i in zip(a, b)])
-        return out
+        def want():
+            out = y.double().clone()
+            for t, s in enumerate(mapping):
+                if s >= 0:
+                    out[t] += torch.cat([0.5 * x[t].double() @ a_i[s, 0].double().T @ b_i[s, 0].double().T
+                                         for a_i, b_i in zip(a, b)])
+            return out
 
-    for _ in range(2):  # before and after a load into the untargeted slice
-        got = y.clone()
-        wrapper.add_lora_linear(got, x, a, b, 0.5, widths)
-        torch.testing.assert_close(got.double(), want(), **TOL[dtype])
-        a[1][2, 0].copy_(torch.randn(RANK, HIDDEN).to(dtype))
-        b[1][2, 0].copy_(torch.randn(OUT // 2, RANK).to(dtype))
+        for written in [(1, 2), (0, 0), None]:  # (slice, slot) a load writes before the next check
+            got = y.clone()
+            wrapper.add_lora_linear(got, x, a, b, 0.5, widths)
+            torch.testing.assert_close(got.double(), want(), **TOL[dtype])
+            if written:
+                i, slot = written
+                a[i][slot, 0].copy_(torch.randn(RANK, HIDDEN).to(dtype))
+                b[i][slot, 0].copy_(torch.randn(widths[i], RANK).to(dtype))
+                load(manager, lora_ids[slot])
 
 
 def test_inference_mode_weights_are_memoised_until_vllm_loads_an_adapter(clean_install):
@@ -429,7 +440,7 @@ def test_inference_mode_weights_are_memoised_until_vllm_loads_an_adapter(clean_i
 
     assert cpu_ops.install() is True
     calls = []
-    counted = cpu_ops._count_loads(lambda self, lora_id: calls.append(lora_id) or lora_id == 12)
+    counted = cpu_ops._count_loads(lambda self, lora_id: calls.append(lora_id) or lora_id > 11)
     mapping = [0, 1, -1, 1]
     tokens = tuple(s + 11 if s >= 0 else 0 for s in mapping)
     wrapper = PunicaWrapperCPU(64, len(mapping), device="cpu")
@@ -440,20 +451,26 @@ def test_inference_mode_weights_are_memoised_until_vllm_loads_an_adapter(clean_i
         x, y = torch.randn(len(mapping), HIDDEN), torch.zeros(len(mapping), OUT)
         first = y.clone()
         wrapper.add_lora_linear(first, x, a, b, 1.0, (OUT,))
-        assert a[0]._vllm_t2l_fused[1] is cpu_ops._fused_weights(a, b, (OUT,))  # memoised
+        assert a[0]._vllm_t2l_fused[2] is cpu_ops._fused_weights(a, b, (OUT,))  # memoised
         b[0][1].mul_(2)  # a write that did not go through activate_adapter: not seen
         stale = y.clone()
         wrapper.add_lora_linear(stale, x, a, b, 1.0, (OUT,))
         torch.testing.assert_close(stale, first)
-        assert counted(None, 11) is False  # already active: nothing written, the memo stays
+        manager = SimpleNamespace(lora_index_to_id=[11, 12, None, None])  # id 12 sits in slot 1
+        assert counted(manager, 11) is False  # already active: nothing written, the memo stays
         stale = y.clone()
         wrapper.add_lora_linear(stale, x, a, b, 1.0, (OUT,))
         torch.testing.assert_close(stale, first)
-        assert counted(None, 12) is True and calls == [11, 12]  # a slot written: the memo goes
+        b[0][0].mul_(3)  # slot 0 changed behind vLLM's back too
+        assert counted(manager, 12) is True and calls == [11, 12]  # slot 1 written: that slot is refreshed
         fresh = y.clone()
         wrapper.add_lora_linear(fresh, x, a, b, 1.0, (OUT,))
+        assert counted(SimpleNamespace(), 13) is True  # a load into an unknown slot: everything is refreshed
+        everything = y.clone()
+        wrapper.add_lora_linear(everything, x, a, b, 1.0, (OUT,))
     torch.testing.assert_close(fresh[[1, 3]], 2 * first[[1, 3]])
     torch.testing.assert_close(fresh[0], first[0])
+    torch.testing.assert_close(everything[[0, 1, 3]], torch.stack([3 * first[0], 2 * first[1], 2 * first[3]]))
     assert LoRAModelManager.activate_adapter.__qualname__.endswith("counted")
     cpu_ops.uninstall()
     assert not LoRAModelManager.activate_adapter.__qualname__.endswith("counted")

@@ -59,6 +59,8 @@ _originals: dict[str, object] = {}  # op (or patched method) name -> vLLM's func
 
 
 _loads = [0]  # adapters vLLM has loaded into slots in this process (see _count_loads)
+_load_log: list[int | None] = []  # the slot each of the last loads wrote (None: unknown), oldest first
+LOAD_LOG_MAX = 4096
 
 
 def _contents(weights: torch.Tensor) -> tuple[int, int]:
@@ -69,6 +71,20 @@ def _contents(weights: torch.Tensor) -> tuple[int, int]:
     every such write happens in ``LoRAModelManager.activate_adapter``, which ``install()`` makes count.
     """
     return _loads[0], -1 if weights.is_inference() else weights._version
+
+
+def _written_since(seen: tuple[int, int], now: tuple[int, int]) -> set[int] | None:
+    """The slots written between two ``_contents`` of one tensor, or None: rebuild everything.
+
+    Counted loads say which slot they wrote, so a memo can refresh just those slots. vLLM writes the
+    stacked tensors only in ``activate_adapter``; a write elsewhere (a test's) is seen when no load
+    happened since the memo was made.
+    """
+    start = _loads[0] - len(_load_log)
+    if seen[0] == now[0] or seen[0] < start:
+        return None
+    written = set(_load_log[seen[0] - start:now[0] - start])
+    return None if None in written else written
 
 
 def _cached(weights: torch.Tensor, key: str, make):
@@ -85,8 +101,21 @@ def _cached(weights: torch.Tensor, key: str, make):
 
 def _all_zero(weights: torch.Tensor) -> bool:
     """Whether no slot holds a nonzero weight: true for a module the adapters do not target (the
-    k slice of a fused qkv layer when adapters target q and v), whose ops can then be skipped."""
-    return _cached(weights, "zero", lambda: not bool(weights.any()))
+    k slice of a fused qkv layer when adapters target q and v), whose ops can then be skipped.
+    Kept per slot, so a load re-checks only the slot it wrote."""
+    contents = _contents(weights)
+    memo = getattr(weights, "_vllm_t2l_nonzero", None)
+    if memo is None or memo[0] != contents:
+        written = _written_since(memo[0], contents) if memo is not None else None
+        if written is None:
+            nonzero = weights.reshape(weights.shape[0], -1).any(dim=1).tolist()
+        else:
+            nonzero = list(memo[1])
+            for slot in written:
+                nonzero[slot] = bool(weights[slot].any())
+        memo = (contents, nonzero)
+        weights._vllm_t2l_nonzero = memo
+    return not any(memo[1])
 
 
 @dataclass
@@ -329,28 +358,45 @@ def _fused_weights(lora_a_stacked: tuple[torch.Tensor, ...], lora_b_stacked: tup
     """One layer's slices as one adapter: A of every targeted slice stacked on the rank axis
     (``[slots, n*r, in]``) and a block-diagonal B mapping each rank block to its output columns
     (``[slots, sum(output_slices), n*r]``). Slices no adapter targets are left out. ``None``
-    when no slice is targeted. Memoised on the first A tensor until vLLM writes into any of them.
+    when no slice is targeted. Memoised on the first A tensor until vLLM writes into any of them;
+    after a load that leaves the same slices targeted, only the written slot is refreshed.
     """
-    versions = tuple(_contents(t) for t in (*lora_a_stacked, *lora_b_stacked))
+    tensors = (*lora_a_stacked, *lora_b_stacked)
+    versions = tuple(_contents(t) for t in tensors)
     memo = getattr(lora_a_stacked[0], "_vllm_t2l_fused", None)
     if memo is not None and memo[0] == versions:
-        return memo[1]
+        return memo[2]
     keep = [i for i, a in enumerate(lora_a_stacked) if not _all_zero(a)]
     fused = None
     if keep:
         a_all = [_stacked(lora_a_stacked[i]) for i in keep]
         b_all = [_stacked(lora_b_stacked[i]) for i in keep]
-        slots, rank = a_all[0].shape[0], a_all[0].shape[1]
-        dtype = torch.promote_types(a_all[0].dtype, torch.float32)
-        a = torch.cat(a_all, dim=1).to(dtype)
-        b = a.new_zeros(slots, sum(output_slices), rank * len(keep))
-        offsets = [sum(output_slices[:i]) for i in range(len(output_slices))]
-        for j, (i, b_i) in enumerate(zip(keep, b_all)):
-            width = min(output_slices[i], b_i.shape[1])
-            b[:, offsets[i]: offsets[i] + width, j * rank: (j + 1) * rank] = b_i[:, :width]
-        fused = (a, b)
-    lora_a_stacked[0]._vllm_t2l_fused = (versions, fused)
+        written = [_written_since(old, new) for old, new in zip(memo[0], versions)] if memo else [None]
+        if memo and memo[1] == keep and None not in written:
+            fused = memo[2]
+            for slot in set().union(*written):
+                _fill(*fused, a_all, b_all, keep, output_slices, slot)
+        else:
+            slots, rank = a_all[0].shape[0], a_all[0].shape[1]
+            a = a_all[0].new_empty(slots, rank * len(keep), a_all[0].shape[2],
+                                   dtype=torch.promote_types(a_all[0].dtype, torch.float32))
+            fused = a, a.new_zeros(slots, sum(output_slices), rank * len(keep))
+            _fill(*fused, a_all, b_all, keep, output_slices, slice(None))
+        for t in fused:  # holds adapters, so not all zero: spare the ops a scan of every slot
+            t._vllm_t2l_nonzero = (_contents(t), [True])
+    lora_a_stacked[0]._vllm_t2l_fused = (versions, keep, fused)
     return fused
+
+
+def _fill(a: torch.Tensor, b: torch.Tensor, a_all: list[torch.Tensor], b_all: list[torch.Tensor], keep: list[int],
+          output_slices: tuple[int, ...], slots: int | slice) -> None:
+    """Write ``slots`` (one slot, or ``slice(None)``) of the fused A and block-diagonal B."""
+    rank = a_all[0].shape[1]
+    a[slots] = torch.cat([t[slots] for t in a_all], dim=-2)
+    offsets = [sum(output_slices[:i]) for i in range(len(output_slices))]
+    for j, (i, b_i) in enumerate(zip(keep, b_all)):
+        width = min(output_slices[i], b_i.shape[1])
+        b[slots, offsets[i]: offsets[i] + width, j * rank: (j + 1) * rank] = b_i[slots, :width]
 
 
 def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
@@ -384,6 +430,9 @@ def _count_loads(activate_adapter):
     def counted(self, lora_id: int) -> bool:
         loaded = activate_adapter(self, lora_id)
         if loaded:
+            ids = getattr(self, "lora_index_to_id", [])
+            _load_log.append(ids.index(lora_id) if lora_id in ids else None)
+            del _load_log[:-LOAD_LOG_MAX]
             _loads[0] += 1
         return loaded
     return counted
