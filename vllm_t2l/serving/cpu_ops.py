@@ -67,8 +67,8 @@ def _contents(weights: torch.Tensor) -> tuple[int, int]:
     """What identifies the contents of a stacked weight tensor between two writes.
 
     vLLM writes adapters into slots in place (``stacked[slot].copy_(...)``), which bumps the tensor's
-    version counter. vLLM creates these tensors in inference mode, though, where there is no counter;
-    every such write happens in ``LoRAModelManager.activate_adapter``, which ``install()`` makes count.
+    version counter, unless vLLM created them in inference mode, where there is no counter. Every such
+    write happens in ``LoRAModelManager.activate_adapter``, which ``install()`` makes count.
     """
     return _loads[0], -1 if weights.is_inference() else weights._version
 
