@@ -25,7 +25,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 STATIC_EMBEDDER_NAME = "vllm-t2l/all-MiniLM-L6-v2-static"  # distilled here, at prepare time
 STATIC_EMBEDDER_DIR = "all-MiniLM-L6-v2-static"
 # The same recipe with two embedders (README, "Two embedded checkpoints"): MiniLM closes 0.7 points more of the
-# held-out gap; the static one makes a cold miss cost what a disk load costs (MiniLM spends ~25 ms per description).
+# held-out gap; the static one makes a cold miss cost what a disk load costs (MiniLM: ~21 ms a description).
 MINILM_CHECKPOINT = Path(__file__).parent / "checkpoints" / "smollm2-135m-minilm"
 STATIC_CHECKPOINT = Path(__file__).parent / "checkpoints" / "smollm2-135m-static"
 DEFAULT_CHECKPOINT = MINILM_CHECKPOINT

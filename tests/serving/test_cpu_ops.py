@@ -465,7 +465,7 @@ def test_inference_mode_weights_are_memoised_until_vllm_loads_an_adapter(clean_i
         assert counted(manager, 12) is True and calls == [11, 12]  # slot 1 written: that slot is refreshed
         fresh = y.clone()
         wrapper.add_lora_linear(fresh, x, a, b, 1.0, (OUT,))
-        assert counted(SimpleNamespace(), 13) is True  # a load into an unknown slot: everything is refreshed
+        assert counted(SimpleNamespace(lora_index_to_id=[]), 13) is True  # slot unknown: all refreshed
         everything = y.clone()
         wrapper.add_lora_linear(everything, x, a, b, 1.0, (OUT,))
     torch.testing.assert_close(fresh[[1, 3]], 2 * first[[1, 3]])

@@ -361,8 +361,7 @@ def _fused_weights(lora_a_stacked: tuple[torch.Tensor, ...], lora_b_stacked: tup
     when no slice is targeted. Memoised on the first A tensor until vLLM writes into any of them;
     after a load that leaves the same slices targeted, only the written slot is refreshed.
     """
-    tensors = (*lora_a_stacked, *lora_b_stacked)
-    versions = tuple(_contents(t) for t in tensors)
+    versions = tuple(_contents(t) for t in (*lora_a_stacked, *lora_b_stacked))
     memo = getattr(lora_a_stacked[0], "_vllm_t2l_fused", None)
     if memo is not None and memo[0] == versions:
         return memo[2]
@@ -430,7 +429,7 @@ def _count_loads(activate_adapter):
     def counted(self, lora_id: int) -> bool:
         loaded = activate_adapter(self, lora_id)
         if loaded:
-            ids = getattr(self, "lora_index_to_id", [])
+            ids = self.lora_index_to_id
             _load_log.append(ids.index(lora_id) if lora_id in ids else None)
             del _load_log[:-LOAD_LOG_MAX]
             _loads[0] += 1
