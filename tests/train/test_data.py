@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from vllm_t2l.train.checks import check
-from vllm_t2l.train.data import DATA_DIR, load_prompts, load_queries, load_tasks
+from vllm_t2l.train.data import DATA_DIR, composites, load_prompts, load_queries, load_tasks
 
 PROMPT_SPLITS = {"train", "heldout_prompt", "heldout_family"}
 SLUG = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
@@ -186,3 +186,17 @@ def test_mechanical_task_outputs(tasks: list[dict]) -> None:
             assert fn(e["input"]) == e["output"], (name, e)
     for e in by_name["roman-numerals"]["examples"]:  # parse the numeral back rather than re-derive it
         assert _roman_value(e["output"]) == int(e["input"]), e
+
+
+def test_composites_join_two_training_descriptions_from_different_families(prompts):
+    train = [p for p in prompts if p["split"] == "train"]
+    family_of = {d: p["family"] for p in train for d in p["descriptions"]}
+    made = composites(train, 200, seed=3)
+    assert made == composites(train, 200, seed=3) != composites(train, 200, seed=4)
+    texts = [c["descriptions"][0] for c in made]
+    assert len(set(texts)) == 200 and {c["split"] for c in made} == {"train"}
+    for text in texts:
+        parts = [(d, f) for d, f in family_of.items() if text.startswith(d + " ") or text.endswith(" " + d)]
+        assert len({f for _, f in parts}) == 2, text
+    with pytest.raises(ValueError, match="two families"):
+        composites([p for p in train if p["family"] == "persona"], 1, seed=0)

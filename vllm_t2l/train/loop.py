@@ -14,6 +14,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,10 +49,12 @@ class TrainConfig:
     head_in: int = 256
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     per_prompt: int = 12  # teacher answers per training prompt
+    composites: int = 0  # align: this many more behaviours, two training descriptions together (one answer each)
     max_new_tokens: int = 32
     top_k: int = 16
     prompt_ids: tuple[str, ...] = ()  # restrict training to these prompts (oracle adapters)
     adapters: str = ""  # recon: folder of PEFT adapter folders
+    init: str = ""  # start from this checkpoint's weights (same architecture and base shapes)
     save_every: int = 50
     seed: int = 0
     threads: int = 0  # 0: torch default
@@ -84,17 +87,15 @@ class FreeLoRA(nn.Module):
 def _examples(cfg: TrainConfig, student: Student, base_dir: Path, out: Path) -> list[teacher.Sample]:
     """Training examples for the mode, cached under ``out`` (teacher answers are the slow part)."""
     if cfg.mode == "align":
-        cache = out / "teacher-train.pt"
-        if cache.exists():
-            return teacher.load(cache)
         # Named prompts (oracles) may be held-out ones: trained on their canonical wording only.
         prompts = [p for p in data.load_prompts()
                    if (p["id"] in cfg.prompt_ids if cfg.prompt_ids else p["split"] == "train")]
         queries = [q for q in data.load_queries() if q["split"] == "train"]
-        triples = teacher.pairs(prompts, queries, cfg.per_prompt, cfg.seed,
-                                all_descriptions=not cfg.prompt_ids)
-        samples = teacher.build(student, base_dir, triples, cfg.max_new_tokens, cfg.top_k)
-        teacher.save(samples, cache)
+        samples = _taught(out / "teacher-train.pt", cfg, student, base_dir, lambda: teacher.pairs(
+            prompts, queries, cfg.per_prompt, cfg.seed, all_descriptions=not cfg.prompt_ids))
+        if cfg.composites:
+            samples += _taught(out / "teacher-composites.pt", cfg, student, base_dir, lambda: teacher.pairs(
+                data.composites(prompts, cfg.composites, cfg.seed), queries, 1, cfg.seed))
         return samples
     if cfg.mode == "sft":
         eos = student.tokenizer.eos_token_id
@@ -110,6 +111,16 @@ def _examples(cfg: TrainConfig, student: Student, base_dir: Path, out: Path) -> 
                                                   torch.zeros(0), torch.zeros(0)))
         return out_samples
     raise ValueError(f"unknown mode {cfg.mode!r}")
+
+
+def _taught(cache: Path, cfg: TrainConfig, student: Student, base_dir: Path,
+            triples: Callable[[], list[tuple[dict, str, dict]]]) -> list[teacher.Sample]:
+    """The teacher's answers for these triples, from ``cache`` or computed and cached."""
+    if cache.exists():
+        return teacher.load(cache)
+    samples = teacher.build(student, base_dir, triples(), cfg.max_new_tokens, cfg.top_k)
+    teacher.save(samples, cache)
+    return samples
 
 
 def _recon_library(folder: Path) -> list[tuple[str, LoRAWeights]]:
@@ -165,6 +176,8 @@ def train(cfg: TrainConfig) -> Path:
         0.05, 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, cfg.steps))))))
     step = 0
     state_path = out / "state.pt"
+    if cfg.init and not state_path.exists():
+        _init_from(model, Path(cfg.init))
     if state_path.exists():
         state = torch.load(state_path, weights_only=True)
         model.load_state_dict(state["model"])
@@ -222,6 +235,19 @@ def train(cfg: TrainConfig) -> Path:
             "examples": n_items, "descriptions": len(texts)}
     ckpt = Checkpoint(model, emb_cfg, trained=True, card=card)
     return ckpt.save(out / "checkpoint")
+
+
+def _init_from(model: nn.Module, folder: Path) -> None:
+    """Fine-tune rather than start over: the checkpoint must describe the same network."""
+    from vllm_t2l.checkpoint import CheckpointError, load
+
+    if not isinstance(model, HyperNet):
+        raise ValueError("--init needs a hypernetwork arch, not a plain LoRA")
+    init = load(folder)
+    if init.config != model.config or init.base.differences(model.shapes):
+        raise CheckpointError(f"{folder} is a {init.config.arch} checkpoint for {init.base.name!r} that differs "
+                              f"from the network being trained ({model.config.arch} for {model.shapes.name!r})")
+    model.load_state_dict(init.hypernet.state_dict())
 
 
 def _tuple(x):

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 DATA_DIR = Path(__file__).parent
@@ -30,3 +31,23 @@ def load_queries() -> list[dict]:
 
 def load_tasks() -> list[dict]:
     return _read_jsonl("task_sft.jsonl")
+
+
+def composites(prompts: list[dict], n: int, seed: int) -> list[dict]:
+    """``n`` more behaviours for training: two training descriptions from different families, said together
+    (a persona that must also keep to a format, ...), as one-description prompts without a check."""
+    rng = random.Random(seed)
+    out: list[dict] = []
+    seen: set[str] = set()
+    families = sorted({p["family"] for p in prompts})
+    if len(families) < 2:
+        raise ValueError("composites need prompts from at least two families")
+    while len(out) < n:
+        first, second = rng.sample(families, 2)
+        text = " ".join(rng.choice(rng.choice([p for p in prompts if p["family"] == f])["descriptions"])
+                        for f in (first, second))
+        if text not in seen:
+            seen.add(text)
+            out.append({"id": f"composite-{len(out)}", "family": "composite", "split": "train",
+                        "descriptions": [text], "check": None})
+    return out

@@ -1,0 +1,49 @@
+"""The training loop, in its cheapest mode (recon, on the tiny shapes): starting from a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import rand_lora
+from safetensors.torch import load_file
+
+from vllm_t2l.checkpoint import CheckpointError
+from vllm_t2l.train.loop import TrainConfig, train
+
+
+@pytest.fixture
+def recon_config(tmp_path: Path, tiny_config_dir: Path):
+    """A recon run over two random rank-8 adapters; keyword arguments override the config."""
+    library = tmp_path / "library"
+    for i, text in enumerate(["Answer like a pirate.", "Answer formally."]):
+        (rand_lora(i, rank=8).save_peft(library / f"a{i}", "tiny-llama") / "description.txt").write_text(text)
+
+    def make(out: str, **kw) -> TrainConfig:
+        return TrainConfig(**{"mode": "recon", "out": str(tmp_path / out), "base_model": str(tiny_config_dir),
+                              "adapters": str(library), "steps": 2, "save_every": 1, "latent": 32,
+                              "head_in": 48, **kw})
+    return make
+
+
+def weights(checkpoint: Path) -> dict:
+    return load_file(checkpoint / "hypernet.safetensors")
+
+
+def test_init_starts_from_the_checkpoint_and_training_moves_on(recon_config):
+    first = train(recon_config("first"))
+    start = weights(first)
+    assert not weights(train(recon_config("untrained", steps=0)))["heads.q_proj.bias"].equal(
+        start["heads.q_proj.bias"])
+    copied = weights(train(recon_config("copy", steps=0, init=str(first))))
+    assert copied.keys() == start.keys() and all(copied[k].equal(start[k]) for k in start)
+    tuned = weights(train(recon_config("tuned", steps=2, init=str(first))))
+    assert not tuned["heads.q_proj.weight"].equal(start["heads.q_proj.weight"])
+
+
+def test_init_refuses_a_different_network(recon_config):
+    first = train(recon_config("first"))
+    with pytest.raises(CheckpointError, match="differs from the network being trained"):
+        train(recon_config("other", rank=4, init=str(first)))
+    with pytest.raises(ValueError, match="needs a hypernetwork"):
+        train(recon_config("lora", arch="lora", init=str(first)))
