@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from benchmarks import report
-from vllm_t2l.models import STATIC_CHECKPOINT
+from vllm_t2l.models import MINILM_CHECKPOINT
 
 
 class Bench(NamedTuple):
@@ -39,8 +39,8 @@ BENCHMARKS = [
     Bench("hypernet_speed", ["--repeats", "5"]),
     Bench("cpu_lora_ops", []),
     Bench("cold_miss", ["--descriptions", "3"]),
-    Bench("cold_miss_static", ["--descriptions", "3"], "cold-miss-static", module="cold_miss",
-          flags=("--checkpoint", str(STATIC_CHECKPOINT))),
+    Bench("cold_miss_minilm", ["--descriptions", "3"], "cold-miss-minilm", module="cold_miss",
+          flags=("--checkpoint", str(MINILM_CHECKPOINT))),
     Bench("throughput", ["--k", "1,4", "--min-requests", "4", "--rounds", "1", "--max-tokens", "16"]),
     Bench("scale", ["--n", "40", "--chunk", "20"], long=True),
     Bench("control", None, "control", long=True),
@@ -65,7 +65,7 @@ def _bars(out: Path) -> list[tuple[str, str, str, str]]:
             continue
         rows.append((f"embed + hypernetwork ({which}), one description, CPU: p50 <= 15 ms", f"{one['p50']:.1f} ms",
                      verdict(one["p50"] <= 15), "hypernet_speed.md"))
-    for folder, which in ((".", "default checkpoint"), ("cold-miss-static", "static-embedder checkpoint")):
+    for folder, which in ((".", "default, static-embedder checkpoint"), ("cold-miss-minilm", "MiniLM checkpoint")):
         if c := _load(out / folder, "cold_miss"):
             r = c["summary_ms"]["ratio_p50"]
             rows.append((f"cold miss ({which}): extra over warm <= 1.2x the filesystem resolver's", f"{r:.2f}x (p50)",
