@@ -370,10 +370,10 @@ def _fused_weights(lora_a_stacked: tuple[torch.Tensor, ...], lora_b_stacked: tup
     if keep:
         a_all = [_stacked(lora_a_stacked[i]) for i in keep]
         b_all = [_stacked(lora_b_stacked[i]) for i in keep]
-        written = [_written_since(old, new) for old, new in zip(memo[0], versions)] if memo else [None]
-        if memo and memo[1] == keep and None not in written:
+        written = _written_since(memo[0][0], versions[0]) if memo else None  # one load log for every tensor
+        if memo and memo[1] == keep and written is not None:
             fused = memo[2]
-            for slot in set().union(*written):
+            for slot in written:
                 _fill(*fused, a_all, b_all, keep, output_slices, slot)
         else:
             slots, rank = a_all[0].shape[0], a_all[0].shape[1]

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from vllm_t2l.checkpoint import Checkpoint
+from vllm_t2l.checkpoint import Checkpoint, CheckpointError, load
 from vllm_t2l.embed import Embedder
 from vllm_t2l.hypernet import BaseShapes, HyperConfig, HyperNet, LoRABatch
 from vllm_t2l.lora import METADATA_FILE, LoRAWeights
@@ -239,14 +239,13 @@ def train(cfg: TrainConfig) -> Path:
 
 def _init_from(model: nn.Module, folder: Path) -> None:
     """Fine-tune rather than start over: the checkpoint must describe the same network."""
-    from vllm_t2l.checkpoint import CheckpointError, load
-
     if not isinstance(model, HyperNet):
         raise ValueError("--init needs a hypernetwork arch, not a plain LoRA")
     init = load(folder)
-    if init.config != model.config or init.base.differences(model.shapes):
-        raise CheckpointError(f"{folder} is a {init.config.arch} checkpoint for {init.base.name!r} that differs "
-                              f"from the network being trained ({model.config.arch} for {model.shapes.name!r})")
+    init.check_base(model.shapes)
+    if init.config != model.config:
+        raise CheckpointError(f"{folder} is a {init.config.arch} checkpoint that differs from the network being "
+                              f"trained: {init.config} against {model.config}")
     model.load_state_dict(init.hypernet.state_dict())
 
 

@@ -39,13 +39,15 @@ def composites(prompts: list[dict], n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     out: list[dict] = []
     seen: set[str] = set()
-    families = sorted({p["family"] for p in prompts})
+    by_family: dict[str, list[dict]] = {}
+    for p in prompts:
+        by_family.setdefault(p["family"], []).append(p)
+    families = sorted(by_family)
     if len(families) < 2:
         raise ValueError("composites need prompts from at least two families")
     while len(out) < n:
-        first, second = rng.sample(families, 2)
-        text = " ".join(rng.choice(rng.choice([p for p in prompts if p["family"] == f])["descriptions"])
-                        for f in (first, second))
+        pair = rng.sample(families, 2)
+        text = " ".join(rng.choice(rng.choice(by_family[f])["descriptions"]) for f in pair)
         if text not in seen:
             seen.add(text)
             out.append({"id": f"composite-{len(out)}", "family": "composite", "split": "train",
