@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import TINY_CONFIG, make_hypernet
 
-from vllm_t2l.hypernet import ARCHS, BaseShapes, HyperConfig, HyperNet, sinusoid
+from vllm_t2l.hypernet import ARCHS, BaseShapes, FoldedCodes, HyperConfig, HyperNet, sinusoid
 from vllm_t2l.lora import from_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -210,10 +210,26 @@ def test_zhyper_codes_round_trip(arch, hypernet_factory, tiny_shapes):
         torch.testing.assert_close(via_codes[m][1], direct[m][1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a.startswith("zhyper")])
+def test_folded_codes_equal_codes(arch, hypernet_factory):
+    net = hypernet_factory(arch, seed=3)
+    x = _emb(5, seed=2)
+    with torch.no_grad():
+        want = net.codes(x)
+    got = FoldedCodes(net)(x)
+    assert list(got) == list(want)
+    for m in want:
+        assert got[m].shape == want[m].shape
+        assert (want[m][0] - want[m][1]).abs().max() > 1e-3  # input-dependent, so a dropped task term would show
+        torch.testing.assert_close(got[m], want[m], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["t2l-L", "t2l-M", "t2l-S"])
 def test_codes_refused_for_t2l(arch, hypernet_factory):
     with pytest.raises(ValueError, match="codes"):
         hypernet_factory(arch).codes(_emb(1))
+    with pytest.raises(ValueError, match="codes"):
+        FoldedCodes(hypernet_factory(arch))
 
 
 @pytest.mark.parametrize("arch", ["zhyper-diag", "zhyper-square"])

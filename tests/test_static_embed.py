@@ -54,3 +54,12 @@ def test_batch_independent(static_minilm):
     both = static_minilm(texts)
     for i, t in enumerate(texts):
         torch.testing.assert_close(static_minilm([t])[0], both[i])
+
+
+def test_lookup_path_equals_sentence_transformers_encode(static_minilm):
+    """The Embedder skips encode() for a lookup table; the vectors must be the ones encode() gives."""
+    from vllm_t2l.embed import scale
+
+    texts = ["Be terse.", "Answer like a patient math tutor.", "Réponds en français, s'il te plaît. 🙂"]
+    want = static_minilm.model.encode(texts, convert_to_tensor=True, normalize_embeddings=False)
+    torch.testing.assert_close(static_minilm(texts), scale(want.float(), True), rtol=1e-6, atol=1e-6)

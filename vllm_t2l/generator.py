@@ -12,6 +12,7 @@ from torch import Tensor
 from vllm_t2l import checkpoint as ckpt_mod
 from vllm_t2l.checkpoint import Checkpoint
 from vllm_t2l.embed import Embedder
+from vllm_t2l.hypernet import FoldedCodes
 from vllm_t2l.lora import LoRAWeights, from_batch
 from vllm_t2l.names import AdapterSpec
 
@@ -23,6 +24,7 @@ class Generator:
         self.checkpoint = checkpoint
         self.embedder = embedder
         self.device = next(checkpoint.hypernet.parameters()).device
+        self._codes = FoldedCodes(checkpoint.hypernet) if self.zhyper else None
 
     @classmethod
     def load(cls, checkpoint: str | Path, embedder_path: str | Path | None = None,
@@ -73,7 +75,7 @@ class Generator:
         """Zhyper only: each spec's codes per module, [1, L, r] (or [1, L, r, r]), its mix applied.
         Mixing codes is exact: A is linear in them and B does not depend on them."""
         x, slices, start = self._inputs(specs, timings)
-        codes = self.checkpoint.hypernet.codes(x)
+        codes = self._codes(x)
         out = [{m: sum(w * z[i:i + 1] for w, i in zip(_row_weights(spec), idx)) for m, z in codes.items()}
                for spec, idx in zip(specs, slices)]
         self._lap(timings, "hypernet", start)

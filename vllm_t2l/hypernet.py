@@ -295,3 +295,53 @@ class HyperNet(nn.Module):
 def expand_codes(z: Tensor, shared_A: Tensor) -> Tensor:
     """Zhyper's A for codes ``z``: diag(z) A_shared for [N, L, r] codes, Z A_shared for [N, L, r, r]."""
     return z[..., None] * shared_A if z.dim() == 3 else z @ shared_A
+
+
+class FoldedCodes(nn.Module):
+    """Zhyper codes for serving: ``net.codes`` with the linear algebra that does not depend on the
+    description done once, at construction.
+
+    A cold miss pays for every FLOP here, and two pieces of ``codes`` are wasted work at inference:
+    the mixer's first layer sees [task, layer, module], of which only the task part varies, and the
+    last layer of ``to_head`` feeds a linear head with nothing in between, so the two fold into one
+    [r, 4 * latent] matrix per module. The result equals ``net.codes`` up to float rounding; it
+    snapshots the weights, so build a new one after training the network further.
+    """
+
+    def __init__(self, net: HyperNet):
+        super().__init__()
+        c = net.config
+        if not c.arch.startswith("zhyper"):
+            raise ValueError(f"{c.arch} has no codes; only zhyper-* do")
+        self.square, self.rank, self.modules_ = c.arch == "zhyper-square", c.rank, net.modules_
+        self.task_encoder, self.block1, self.block2 = net.task_encoder, net.block1, net.block2
+        L, M, device = net.shapes.n_layers, len(net.modules_), net.task_encoder[0].weight.device
+        with torch.no_grad():
+            layer = net.layer_encoder(torch.arange(L, device=device))[:, None, :].expand(L, M, -1)
+            module = net.module_encoder(torch.arange(M, device=device))[None, :, :].expand(L, M, -1)
+            fixed = torch.cat([layer, module], dim=-1)  # [L, M, latent/2]: the rows' non-task half
+            mix_in, mix_out = net.mixer[1], net.mixer[4]
+            task_dim = c.latent // 2
+            self.register_buffer("fixed", fixed.clone())
+            self.register_buffer("mix_task_w", mix_in.weight[:, :task_dim].clone())
+            self.register_buffer("mix_fixed", fixed @ mix_in.weight[:, task_dim:].T + mix_in.bias)
+            self.mix_out = mix_out
+            self.head_in = net.to_head[:3]  # LayerNorm, Linear, SiLU; the last Linear is folded below
+            last = net.to_head[4]
+            heads = [net.heads[m] for m in net.modules_]
+            offsets = [getattr(net, f"offset_{m}") for m in net.modules_]
+            self.register_buffer("head_w", torch.stack([h.weight @ last.weight for h in heads]))  # [M, k, 4m]
+            self.register_buffer("head_b", torch.stack(
+                [h.weight @ last.bias + h.bias + off for h, off in zip(heads, offsets)]))  # [M, k]
+
+    @torch.no_grad()
+    def forward(self, emb: Tensor) -> dict[str, Tensor]:
+        """[N, emb_dim] -> per-module codes [N, L, r] (diag) or [N, L, r, r] (square), as ``HyperNet.codes``."""
+        task = self.task_encoder(emb)  # [N, latent/2]
+        n, (L, M, _) = task.shape[0], self.fixed.shape
+        x = torch.cat([task[:, None, None, :].expand(n, L, M, -1), self.fixed.expand(n, L, M, -1)], dim=-1)
+        hidden = nn.functional.silu((task @ self.mix_task_w.T)[:, None, None, :] + self.mix_fixed)
+        x = self.block2(self.block1(x + self.mix_out(hidden)))
+        z = torch.einsum("nlmh,mkh->nlmk", self.head_in(x), self.head_w) + self.head_b
+        return {mod: z[:, :, j].unflatten(-1, (self.rank, self.rank)) if self.square else z[:, :, j]
+                for j, mod in enumerate(self.modules_)}
