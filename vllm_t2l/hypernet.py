@@ -236,13 +236,19 @@ class HyperNet(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------
 
+    def _rows(self, device: torch.device) -> Tensor:
+        """[L, M, latent/2]: each (layer, module) row's code, the part of the trunk input no description changes."""
+        L, M = self.shapes.n_layers, len(self.modules_)
+        layer = self.layer_encoder(torch.arange(L, device=device))[:, None, :].expand(L, M, -1)
+        module = self.module_encoder(torch.arange(M, device=device))[None, :, :].expand(L, M, -1)
+        return torch.cat([layer, module], dim=-1)
+
     def _trunk_in(self, emb: Tensor) -> Tensor:
         """[N, emb_dim] -> [N, L, M, latent]: every (description, layer, module) row."""
-        n, L, M = emb.shape[0], self.shapes.n_layers, len(self.modules_)
+        rows = self._rows(emb.device)
+        n, (L, M, _) = emb.shape[0], rows.shape
         task = self.task_encoder(emb)[:, None, None, :].expand(n, L, M, -1)
-        layer = self.layer_encoder(torch.arange(L, device=emb.device))[None, :, None, :].expand(n, L, M, -1)
-        module = self.module_encoder(torch.arange(M, device=emb.device))[None, None, :, :].expand(n, L, M, -1)
-        x = torch.cat([task, layer, module], dim=-1)
+        x = torch.cat([task, rows.expand(n, L, M, -1)], dim=-1)
         return self.block1(x + self.mixer(x))
 
     def forward(self, emb: Tensor) -> LoRABatch:
@@ -315,14 +321,11 @@ class FoldedCodes(nn.Module):
             raise ValueError(f"{c.arch} has no codes; only zhyper-* do")
         self.square, self.rank, self.modules_ = c.arch == "zhyper-square", c.rank, net.modules_
         self.task_encoder, self.block1, self.block2 = net.task_encoder, net.block1, net.block2
-        L, M, device = net.shapes.n_layers, len(net.modules_), net.task_encoder[0].weight.device
         with torch.no_grad():
-            layer = net.layer_encoder(torch.arange(L, device=device))[:, None, :].expand(L, M, -1)
-            module = net.module_encoder(torch.arange(M, device=device))[None, :, :].expand(L, M, -1)
-            fixed = torch.cat([layer, module], dim=-1)  # [L, M, latent/2]: the rows' non-task half
+            fixed = net._rows(net.task_encoder[0].weight.device)
             mix_in, mix_out = net.mixer[1], net.mixer[4]
             task_dim = c.latent // 2
-            self.register_buffer("fixed", fixed.clone())
+            self.register_buffer("fixed", fixed)
             self.register_buffer("mix_task_w", mix_in.weight[:, :task_dim].clone())
             self.register_buffer("mix_fixed", fixed @ mix_in.weight[:, task_dim:].T + mix_in.bias)
             self.mix_out = mix_out

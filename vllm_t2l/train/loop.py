@@ -160,6 +160,9 @@ def train(cfg: TrainConfig) -> Path:
                        rank=cfg.rank, alpha=cfg.alpha, target_modules=tuple(cfg.target_modules))
     shapes = BaseShapes.from_config(base_dir, hcfg.target_modules, name=base_dir.name)
     model: nn.Module = FreeLoRA(hcfg, shapes) if cfg.arch == "lora" else HyperNet(hcfg, shapes)
+    state_path = out / "state.pt"
+    if cfg.init and not state_path.exists():  # before the teacher's answers: a bad --init fails in seconds
+        _init_from(model, Path(cfg.init))
     student = Student(base_dir, hcfg.target_modules) if cfg.mode != "recon" else None
 
     if cfg.mode == "recon":
@@ -175,9 +178,6 @@ def train(cfg: TrainConfig) -> Path:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * max(
         0.05, 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, cfg.steps))))))
     step = 0
-    state_path = out / "state.pt"
-    if cfg.init and not state_path.exists():
-        _init_from(model, Path(cfg.init))
     if state_path.exists():
         state = torch.load(state_path, weights_only=True)
         model.load_state_dict(state["model"])
