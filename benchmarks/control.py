@@ -122,8 +122,8 @@ def spread(items: list[str], n: int) -> list[str]:
 
 
 def check_unseen(descriptions: list[str]) -> None:
-    """Refuse wordings that are training prompts: the curves must show generalisation."""
-    trained = {d for p in data.load_prompts() for d in p["descriptions"]}
+    """Refuse wordings that are training prompts or dial poles: the curves must show generalisation."""
+    trained = {d for p in data.load_prompts() + data.load_dials() for d in p["descriptions"]}
     if clash := [d for d in descriptions if d in trained]:
         raise SystemExit(f"these descriptions are in the training data: {clash}")
 

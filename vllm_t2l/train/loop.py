@@ -1,6 +1,7 @@
 """`vllm-t2l train`: fit a hypernetwork (or a plain LoRA baseline) with one of three objectives.
 
-- align: context distillation; the generated adapter must reproduce the description-as-system-prompt.
+- align: context distillation; the generated adapter must reproduce the description-as-system-prompt
+         (with --dials, rule-made targets for four dials beside it: train/dials.py).
 - sft:   (description, input, output) examples, response-only cross-entropy (as Text-to-LoRA).
 - recon: match a library of existing PEFT adapters, each with its description.
 
@@ -26,7 +27,7 @@ from vllm_t2l.checkpoint import Checkpoint, CheckpointError, load
 from vllm_t2l.embed import Embedder
 from vllm_t2l.hypernet import BaseShapes, HyperConfig, HyperNet, LoRABatch
 from vllm_t2l.lora import METADATA_FILE, LoRAWeights
-from vllm_t2l.train import data, objectives, teacher
+from vllm_t2l.train import data, dials, objectives, teacher
 from vllm_t2l.train.student import Student
 
 
@@ -50,6 +51,7 @@ class TrainConfig:
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     per_prompt: int = 12  # teacher answers per training prompt
     composites: int = 0  # align: this many more behaviours, two training descriptions together (one answer each)
+    dials: int = 0  # align: this many rule-made examples per pole of data/dials.jsonl (train/dials.py)
     max_new_tokens: int = 32
     top_k: int = 16
     prompt_ids: tuple[str, ...] = ()  # restrict training to these prompts (oracle adapters)
@@ -91,11 +93,17 @@ def _examples(cfg: TrainConfig, student: Student, base_dir: Path, out: Path) -> 
         prompts = [p for p in data.load_prompts()
                    if (p["id"] in cfg.prompt_ids if cfg.prompt_ids else p["split"] == "train")]
         queries = [q for q in data.load_queries() if q["split"] == "train"]
-        samples = _taught(out / "teacher-train.pt", cfg, student, base_dir, lambda: teacher.pairs(
-            prompts, queries, cfg.per_prompt, cfg.seed, all_descriptions=not cfg.prompt_ids))
+        samples = _cached(out / "teacher-train.pt", lambda: teacher.build(
+            student, base_dir, teacher.pairs(prompts, queries, cfg.per_prompt, cfg.seed,
+                                             all_descriptions=not cfg.prompt_ids), cfg.max_new_tokens, cfg.top_k))
         if cfg.composites:
-            samples += _taught(out / "teacher-composites.pt", cfg, student, base_dir, lambda: teacher.pairs(
-                data.composites(prompts, cfg.composites, cfg.seed), queries, 1, cfg.seed))
+            samples += _cached(out / "teacher-composites.pt", lambda: teacher.build(
+                student, base_dir, teacher.pairs(data.composites(prompts, cfg.composites, cfg.seed), queries, 1,
+                                                 cfg.seed), cfg.max_new_tokens, cfg.top_k))
+        if cfg.dials:
+            samples += _cached(out / "dials.pt", lambda: dials.build(
+                student, base_dir, dials.pairs(data.load_dials(), queries, cfg.dials, cfg.seed), cfg.max_new_tokens,
+                cfg.seed))
         return samples
     if cfg.mode == "sft":
         eos = student.tokenizer.eos_token_id
@@ -113,12 +121,11 @@ def _examples(cfg: TrainConfig, student: Student, base_dir: Path, out: Path) -> 
     raise ValueError(f"unknown mode {cfg.mode!r}")
 
 
-def _taught(cache: Path, cfg: TrainConfig, student: Student, base_dir: Path,
-            triples: Callable[[], list[tuple[dict, str, dict]]]) -> list[teacher.Sample]:
-    """The teacher's answers for these triples, from ``cache`` or computed and cached."""
+def _cached(cache: Path, make: Callable[[], list[teacher.Sample]]) -> list[teacher.Sample]:
+    """Samples from ``cache``, or made and cached (teacher answers are the slow part of training)."""
     if cache.exists():
         return teacher.load(cache)
-    samples = teacher.build(student, base_dir, triples(), cfg.max_new_tokens, cfg.top_k)
+    samples = make()
     teacher.save(samples, cache)
     return samples
 
@@ -207,8 +214,7 @@ def train(cfg: TrainConfig) -> Path:
             batch = student.make_batch([s.student_prompt for s in chunk], [s.response for s in chunk])
             logits = student.logits(batch)
             if cfg.mode == "align":
-                per_token = objectives.distill_kl(logits, torch.cat([s.top_ids for s in chunk]),
-                                                  torch.cat([s.top_logp for s in chunk]))
+                per_token = _align_loss(logits, batch.targets, chunk)
             else:
                 per_token = objectives.cross_entropy(logits, batch.targets, label_smoothing=0.1)
             loss = per_token.mean()
@@ -235,6 +241,18 @@ def train(cfg: TrainConfig) -> Path:
             "examples": n_items, "descriptions": len(texts)}
     ckpt = Checkpoint(model, emb_cfg, trained=True, card=card)
     return ckpt.save(out / "checkpoint")
+
+
+def _align_loss(logits: torch.Tensor, targets: torch.Tensor, chunk: list[teacher.Sample]) -> torch.Tensor:
+    """Per-token loss: KL to the teacher where a sample has its distribution, cross-entropy where it has only a
+    rule-made response (train/dials.py)."""
+    soft = torch.cat([torch.full((len(s.response),), s.top_ids.numel() > 0) for s in chunk])
+    taught = [s for s in chunk if s.top_ids.numel()]
+    parts = [objectives.cross_entropy(logits[~soft], targets[~soft])]
+    if taught:
+        parts.append(objectives.distill_kl(logits[soft], torch.cat([s.top_ids for s in taught]),
+                                           torch.cat([s.top_logp for s in taught])))
+    return torch.cat(parts)
 
 
 def _init_from(model: nn.Module, folder: Path) -> None:

@@ -5,6 +5,8 @@
   check (see ``vllm_t2l.train.checks``).
 - ``queries.jsonl``: generic user queries the teacher and student both answer (split train / heldout).
 - ``task_sft.jsonl``: small supervised tasks with phrasings of the task and input/output examples.
+- ``dials.jsonl``: the poles of four dials (short/long, cheerful/gloomy, pirate/plain, casual/formal), each a
+  style of ``vllm_t2l.train.dials`` with its wordings.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ def load_queries() -> list[dict]:
 
 def load_tasks() -> list[dict]:
     return _read_jsonl("task_sft.jsonl")
+
+
+def load_dials() -> list[dict]:
+    return _read_jsonl("dials.jsonl")
 
 
 def composites(prompts: list[dict], n: int, seed: int) -> list[dict]:

@@ -1,0 +1,115 @@
+"""Rule-made dial targets: each style moves its own measure, the data is unseen by the control benchmark, and the
+training loss treats these samples with cross-entropy beside the teacher's KL."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from benchmarks.control import PAIRS, check_unseen
+from vllm_t2l.train import dials, objectives
+from vllm_t2l.train.checks import formality, pirate, sentiment, word_count
+from vllm_t2l.train.data import load_dials, load_prompts
+from vllm_t2l.train.loop import _align_loss
+from vllm_t2l.train.teacher import Sample
+
+ANSWERS = [
+    "The capital of France is Paris. It is a lovely city, and you do not need a visa if you are from the EU.",
+    "Photosynthesis is how plants turn light into sugar. They take in carbon dioxide and water, and my "
+    "friend the biology teacher says it is the basis of nearly all life on Earth.",
+    "I can't be sure, but it's likely that the train will be late. You're better off leaving early.",
+]
+
+
+def rewrite(style: str, text: str, ended: bool = True) -> tuple[str, bool]:
+    return dials.target(style, text, ended, random.Random(0))
+
+
+@pytest.mark.parametrize("text", ANSWERS)
+def test_each_style_moves_its_own_measure(text):
+    short, stop = rewrite("short", text)
+    assert stop and word_count(short) <= 8 and short.endswith(".")
+    assert rewrite("long", text) == (text, False)
+    assert rewrite("plain", text) == (text, True) and rewrite("plain", text, ended=False) == (text, False)
+    assert sentiment(rewrite("cheerful", text)[0]) > sentiment(text) > sentiment(rewrite("gloomy", text)[0])
+    assert pirate(rewrite("pirate", text)[0]) > pirate(text) == 0
+    assert formality(rewrite("casual", text)[0]) < formality(text) <= formality(rewrite("formal", text)[0])
+    assert "'" not in rewrite("formal", text)[0]
+
+
+def test_closers_only_follow_an_answer_that_ended():
+    text = ANSWERS[0]
+    assert rewrite("pirate", text, ended=True)[0].endswith("Arr!")
+    cut, stop = rewrite("pirate", text, ended=False)
+    assert not stop and not cut.endswith("Arr!")
+
+
+def test_word_swaps_keep_case_and_whole_words():
+    assert dials._swap("You and your yes-man; yesterday, my friends.", dials.PIRATE_SWAPS) == \
+        "Ye and yer aye-man; yesterday, me mateys."
+    assert dials._swap("I'm sure it's fine.", {v: k for k, v in dials.CONTRACTIONS.items()}) == \
+        "I am sure it is fine."
+
+
+def test_dial_data_names_known_styles_in_new_wordings():
+    poles = load_dials()
+    assert sorted(p["style"] for p in poles) == sorted(dials.STYLES)
+    trained = {d for p in load_prompts() for d in p["descriptions"]}
+    for p in poles:
+        assert len(set(p["descriptions"])) >= 8 and not trained & set(p["descriptions"])
+    check_unseen([d for pair in PAIRS for d in (pair.a, pair.b)])  # the control wordings stay held out
+    with pytest.raises(SystemExit, match="training data"):
+        check_unseen([poles[0]["descriptions"][0]])
+
+
+def test_pairs_give_each_pole_its_queries_and_every_wording():
+    poles = load_dials()
+    queries = [{"text": f"q{i}"} for i in range(30)]
+    triples = dials.pairs(poles, queries, 24, seed=0)
+    assert triples == dials.pairs(poles, queries, 24, seed=0) != dials.pairs(poles, queries, 24, seed=1)
+    for pole in poles:
+        mine = [(d, q["text"]) for p, d, q in triples if p is pole]
+        assert len(mine) == 24 and len({q for _, q in mine}) == 24
+        assert {d for d, _ in mine} == set(pole["descriptions"])
+
+
+@pytest.fixture(scope="module")
+def student():
+    from vllm_t2l.models import prepare_default_model
+    from vllm_t2l.train.student import Student
+
+    return Student(prepare_default_model(), ())
+
+
+def test_samples_carry_the_rewritten_answer_and_no_teacher_distribution(student):
+    eos = student.tokenizer.eos_token_id
+    poles = {p["style"]: p for p in load_dials()}
+    query = {"text": "What is the capital of France?"}
+    base = student.tokenizer(ANSWERS[0], add_special_tokens=False)["input_ids"]
+    triples = [(poles["short"], poles["short"]["descriptions"][0], query),
+               (poles["long"], poles["long"]["descriptions"][1], query)]
+    short, long = dials.samples(student, triples, {query["text"]: base + [eos]}, seed=0)
+    assert short.response[-1] == eos and eos not in long.response
+    assert student.tokenizer.decode(short.response[:-1]) == rewrite("short", ANSWERS[0])[0]
+    assert student.tokenizer.decode(long.response) == ANSWERS[0]
+    assert short.student_prompt == student.prompt_ids(query["text"]) and short.prompt_id == "dial-short"
+    assert short.top_ids.numel() == 0 and short.description == poles["short"]["descriptions"][0]
+
+
+def _sample(n: int, k: int) -> Sample:
+    return Sample("p", "d", "q", [1], list(range(n)), torch.randint(0, 50, (n, k)) if k else torch.zeros(0),
+                  torch.log_softmax(torch.randn(n, k), -1) if k else torch.zeros(0))
+
+
+def test_align_loss_is_kl_for_taught_samples_and_cross_entropy_for_dial_samples():
+    torch.manual_seed(0)
+    taught, ruled = _sample(3, 4), _sample(2, 0)
+    logits, targets = torch.randn(5, 50), torch.randint(0, 50, (5,))
+    loss = _align_loss(logits, targets, [taught, ruled])
+    kl = objectives.distill_kl(logits[:3], taught.top_ids, taught.top_logp)
+    ce = torch.nn.functional.cross_entropy(logits[3:], targets[3:], reduction="none")
+    assert torch.allclose(loss.sort().values, torch.cat([kl, ce]).sort().values)
+    assert torch.allclose(_align_loss(logits[3:], targets[3:], [ruled]), ce)
+    assert torch.allclose(_align_loss(logits[:3], targets[:3], [taught]), kl)
