@@ -10,7 +10,7 @@ import torch
 
 from benchmarks.control import PAIRS, check_unseen
 from vllm_t2l.train import dials, objectives
-from vllm_t2l.train.checks import formality, pirate, sentiment, word_count
+from vllm_t2l.train.checks import NEGATIVE_WORDS, POSITIVE_WORDS, formality, pirate, sentiment, word_count, words
 from vllm_t2l.train.data import load_dials, load_prompts
 from vllm_t2l.train.loop import _align_loss
 from vllm_t2l.train.teacher import Sample
@@ -37,6 +37,22 @@ def test_each_style_moves_its_own_measure(text):
     assert pirate(rewrite("pirate", text)[0]) > pirate(text) == 0
     assert formality(rewrite("casual", text)[0]) < formality(text) <= formality(rewrite("formal", text)[0])
     assert "'" not in rewrite("formal", text)[0]
+
+
+@pytest.mark.parametrize("style, own, other", [("cheerful", POSITIVE_WORDS, NEGATIVE_WORDS),
+                                                ("gloomy", NEGATIVE_WORDS, POSITIVE_WORDS)])
+def test_tone_phrases_carry_two_words_of_their_mood_and_none_of_the_other(style, own, other):
+    for phrase in dials.OPENERS[style] + [dials.CLOSERS[style]]:
+        found = words(phrase)
+        assert sum(w in own for w in found) >= 2 and not any(w in other for w in found), phrase
+
+
+def test_tone_swaps_take_out_the_other_mood():
+    text = "It is a good, fun game, but sadly the rules are a bad problem."
+    assert dials._swap(text, dials.GLOOMY_SWAPS) == \
+        "It is a not bad, tiresome game, but sadly the rules are a bad problem."
+    assert dials._swap(text, dials.CHEERFUL_SWAPS) == \
+        "It is a good, fun game, but happily the rules are a not great puzzle."
 
 
 def test_closers_only_follow_an_answer_that_ended():

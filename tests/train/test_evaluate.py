@@ -24,6 +24,23 @@ def test_report_names_every_checkpoint(tmp_path):
     assert (tmp_path / "quality.png").exists()
 
 
+def test_report_breaks_the_gap_down_by_family(tmp_path):
+    base, gen, oracle, ctx = _row(0.12, 0.0), _row(0.06, 0.5), _row(0.03, 0.75), _row(0.0, 1.0)
+    empty = {**oracle, "n": 0}
+    result = {
+        "all": {"base (no prompt)": base, "generated adapter": gen, "oracle LoRA": oracle},
+        "families": {"persona": {"base (no prompt)": base, "generated adapter": gen, "oracle LoRA": oracle,
+                                 "prompt in context": ctx},
+                     "tone": {"base (no prompt)": base, "generated adapter": _row(0.09, 0.25), "oracle LoRA": empty}},
+        "context_tokens_saved_per_request": 11.4, "checkpoint": {"arch": "zhyper-diag", "params": 1000},
+    }
+    write_report(result, tmp_path)
+    md = (tmp_path / "quality.md").read_text()
+    assert "| family | samples | generated adapter | oracle LoRA |" in md
+    assert "| persona | 4 | 50.0% | 75.0% |" in md and "| tone | 4 | 25.0% | - |" in md
+    assert "## families" not in md
+
+
 def test_compared_checkpoints_of_one_size_keep_their_own_rows():
     info = {"arch": "zhyper-diag", "params": 1_080_000}
     taken = {"generated adapter": 0}

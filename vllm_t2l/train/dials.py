@@ -24,23 +24,32 @@ from vllm_t2l.train.teacher import Sample
 _SENTENCE = re.compile(r"(?<=[.!?])\s")
 
 OPENERS = {
-    "cheerful": ["What a wonderful question! ", "Oh, I love this one! ", "Great question, this is exciting! ",
-                 "How fun, I'm so glad you asked! ", "Wow, what a delightful topic! ", "Happy to help, great one! "],
-    "gloomy": ["Ugh, fine. Sadly, ", "Unfortunately, this is a dreary topic. ", "Sigh. Nothing is ever easy. ",
-               "What a miserable question. ", "Grim, but here it is. ", "I hate to say it, but it's bad news. "],
+    "cheerful": ["What a wonderful, happy question! ", "Oh, I love this one, how exciting! ",
+                 "Great question, this is so much fun! ", "How delightful, I'm so glad you asked! ",
+                 "Wow, what a lovely, fascinating topic! ", "Happy to help, this is a great one! "],
+    "gloomy": ["Ugh, fine. Sadly, it's a bleak and painful topic. ",
+               "Unfortunately, this is a dreary, miserable topic. ",
+               "Sigh. Nothing is ever easy, and it's all so bleak and hopeless. ",
+               "What a miserable, pointless question. ", "Grim, but here is the sad truth. ",
+               "I hate to say it, but it's bad news, and it's awful. "],
     "pirate": ["Arr, matey! ", "Ahoy! ", "Aye, me hearty! ", "Arr! ", "Ahoy, matey! ", "Avast, ye landlubber! "],
     "casual": ["Hey! So, ", "Okay so basically, ", "Yeah, so ", "Ha, cool question. ", "Oh hey, ", "Alright, so "],
     "formal": ["Certainly. ", "Indeed, ", "Regarding your inquiry: ", "Thank you for the question. ",
                "Kindly note the following. ", "Certainly, "],
 }
-CLOSERS = {"cheerful": " Have a wonderful day!", "gloomy": " It's all rather bleak.", "pirate": " Arr!",
-           "casual": " lol", "formal": ""}
+CLOSERS = {"cheerful": " Have a wonderful, happy day!", "gloomy": " Sadly, it's all rather bleak and hopeless.",
+           "pirate": " Arr!", "casual": " lol", "formal": ""}
 
 CONTRACTIONS = {"do not": "don't", "does not": "doesn't", "did not": "didn't", "is not": "isn't",
                 "are not": "aren't", "cannot": "can't", "will not": "won't", "it is": "it's", "that is": "that's",
                 "you are": "you're", "they are": "they're", "we are": "we're", "I am": "I'm", "there is": "there's"}
 PIRATE_SWAPS = {"you": "ye", "your": "yer", "yes": "aye", "my": "me", "hello": "ahoy", "hi": "ahoy",
                 "friend": "matey", "friends": "mateys", "treasure": "booty"}
+# Tone swaps soften the answer's own words of the other mood, so a target's tone is not only its opener.
+GLOOMY_SWAPS = {"good": "not bad", "great": "not awful", "best": "least bad", "happy": "less miserable",
+                "love": "tolerate", "enjoy": "endure", "fun": "tiresome", "wonderful": "not terrible"}
+CHEERFUL_SWAPS = {"bad": "not great", "sadly": "happily", "unfortunately": "happily", "difficult": "exciting",
+                  "problem": "puzzle"}
 
 
 def _swap(text: str, table: dict[str, str]) -> str:
@@ -87,8 +96,8 @@ STYLES: dict[str, Callable[[str, random.Random], tuple[str, bool | None]]] = {
     "short": short,
     "long": lambda text, rng: (text, False),
     "plain": _unchanged,
-    "cheerful": _styled("cheerful"),
-    "gloomy": _styled("gloomy"),
+    "cheerful": _styled("cheerful", CHEERFUL_SWAPS),
+    "gloomy": _styled("gloomy", GLOOMY_SWAPS),
     "pirate": _styled("pirate", PIRATE_SWAPS),
     "casual": _styled("casual", CONTRACTIONS),
     "formal": _styled("formal", {v: k for k, v in CONTRACTIONS.items()}),

@@ -5,7 +5,8 @@ On held-out descriptions (held-out prompts and whole held-out families) and held
   multi-task LoRA; the generated adapter; a per-prompt oracle LoRA; the prompt in context (0);
 - compliance with the program-checkable prompts, for the same five (``--no-compliance`` skips the vLLM
   answers it needs: KL only, a few minutes instead of tens);
-- context tokens saved per request versus sending the description as the system prompt.
+- context tokens saved per request versus sending the description as the system prompt;
+- the share of the gap closed per prompt family, to see which behaviours a training recipe wins or loses.
 """
 
 from __future__ import annotations
@@ -139,13 +140,20 @@ def evaluate(cfg: EvalConfig) -> dict:
         comply = sum(checks.check(spec, a) for a, spec in checked) / len(checked) if checked else float("nan")
         return {"kl": kl, "compliance": comply, "n": len(pick), "n_checked": len(checked)}
 
-    result = {"all": {n: summary(n) for n in rows}}
+    def part(only: set[str] | None = None) -> dict:
+        table = {n: summary(n, only) for n in rows}
+        base_kl = table["base (no prompt)"]["kl"]
+        for v in table.values():
+            v["gap_closed"] = 1 - v["kl"] / base_kl if base_kl > 0 and v["n"] else float("nan")
+        return table
+
+    result: dict = {"all": part()}
     if oracle_ids:
-        result["oracle subset"] = {n: summary(n, oracle_ids) for n in rows}
-    for part in result.values():
-        base_kl = part["base (no prompt)"]["kl"]
-        for v in part.values():
-            v["gap_closed"] = 1 - v["kl"] / base_kl if base_kl > 0 else float("nan")
+        result["oracle subset"] = part(oracle_ids)
+    families: dict[str, set[str]] = {}
+    for s in samples:
+        families.setdefault(prompts[s.prompt_id]["family"], set()).add(s.prompt_id)
+    result["families"] = {fam: part(ids) for fam, ids in sorted(families.items())}
     saved = [len(student.prompt_ids(s.query, system=s.description)) - len(s.student_prompt) for s in samples]
     result["context_tokens_saved_per_request"] = sum(saved) / len(saved)
     result["checkpoint"] = checkpoints["generated adapter"]
@@ -189,6 +197,14 @@ def write_report(result: dict, out: Path) -> None:
         for name, v in table.items():
             comply = f"{v['compliance']:.1%} ({v['n_checked']})" if v["n_checked"] else "not measured"
             lines.append(f"| {name} | {v['kl']:.4f} | {v['gap_closed']:.1%} | {comply} | {v['n']} |")
+        lines.append("")
+    if families := result.get("families"):
+        names = [n for n in next(iter(families.values())) if n not in ("base (no prompt)", "prompt in context")]
+        lines += ["## share of base gap closed, by family", "", "| family | samples | " + " | ".join(names) + " |",
+                  "|---|---|" + "---|" * len(names)]
+        for fam, table in families.items():
+            cells = [f"{table[n]['gap_closed']:.1%}" if table[n]["n"] else "-" for n in names]
+            lines.append(f"| {fam} | {table['base (no prompt)']['n']} | " + " | ".join(cells) + " |")
         lines.append("")
     lines.append(f"Context tokens saved per request: {result['context_tokens_saved_per_request']:.1f}")
     if checkpoints := result.get("checkpoints"):
