@@ -1,5 +1,5 @@
-"""Rule-made dial targets: each style moves its own measure, the data is unseen by the control benchmark, and the
-training loss treats these samples with cross-entropy beside the teacher's KL."""
+"""Rule-made dial targets: each style moves its own measure, the data is unseen by the control benchmark, and a
+sample forces only the tokens a rule wrote, leaving the rest to the teacher."""
 
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from benchmarks.control import PAIRS, check_unseen
-from vllm_t2l.train import dials, objectives
+from vllm_t2l.train import dials, objectives, teacher
 from vllm_t2l.train.checks import NEGATIVE_WORDS, POSITIVE_WORDS, formality, pirate, sentiment, word_count, words
 from vllm_t2l.train.data import load_dials, load_prompts
-from vllm_t2l.train.loop import _align_loss
-from vllm_t2l.train.teacher import Sample
+from vllm_t2l.train.dials import rule_made
 
 ANSWERS = [
     "The capital of France is Paris. It is a lovely city, and you do not need a visa if you are from the EU.",
@@ -99,33 +98,52 @@ def student():
     return Student(prepare_default_model(), ())
 
 
-def test_samples_carry_the_rewritten_answer_and_no_teacher_distribution(student):
+def test_rule_made_marks_openers_swaps_and_cuts_but_not_the_answer():
+    base = "You can see the stars. They are far away."
+    text = "Arr, matey! ye can see the stars. They are far away. Arr!"
+    assert "".join(c for c, m in zip(text, rule_made(base, text)) if m) == "Arr,matey!yeArr!"
+    assert rule_made(base, base) == [False] * len(base)
+    assert not any(rule_made(base, "You can see the stars."))  # a cut keeps the words it keeps
+
+
+def test_samples_force_the_rule_and_leave_the_answer_to_the_teacher(student):
     eos = student.tokenizer.eos_token_id
     poles = {p["style"]: p for p in load_dials()}
     query = {"text": "What is the capital of France?"}
     base = student.tokenizer(ANSWERS[0], add_special_tokens=False)["input_ids"]
-    triples = [(poles["short"], poles["short"]["descriptions"][0], query),
-               (poles["long"], poles["long"]["descriptions"][1], query)]
-    short, long = dials.samples(student, triples, {query["text"]: base + [eos]}, seed=0)
+    triples = [(poles[style], poles[style]["descriptions"][i], query)
+               for i, style in enumerate(["short", "long", "pirate"])]
+    short, long, pirate = dials.samples(student, triples, {query["text"]: base + [eos]}, seed=0, top_k=4)
     assert short.response[-1] == eos and eos not in long.response
     assert student.tokenizer.decode(short.response[:-1]) == rewrite("short", ANSWERS[0])[0]
     assert student.tokenizer.decode(long.response) == ANSWERS[0]
     assert short.student_prompt == student.prompt_ids(query["text"]) and short.prompt_id == "dial-short"
-    assert short.top_ids.numel() == 0 and short.description == poles["short"]["descriptions"][0]
+    for s in (short, long, pirate):
+        assert s.top_ids.shape == s.top_logp.shape == (len(s.response), 4)
+        assert s.top_ids.dtype == torch.int32 and s.top_logp.dtype == torch.float16
+    forced = lambda s: s.top_logp[:, 1] == dials.RULED_LOGP  # noqa: E731
+    assert not forced(long).any() and forced(short).tolist() == [False] * (len(short.response) - 1) + [True]
+    tokens = [student.tokenizer.decode([t]) for t in pirate.response]
+    assert "".join(t for t, f in zip(tokens, forced(pirate)) if f) == "Arr! ye ye Arr!<|im_end|>"
+
+    # A forced row is a one-hot teacher: the KL is that token's cross-entropy. Elsewhere it is the teacher itself.
+    logits = torch.randn(len(pirate.response), len(student.tokenizer))
+    kl = objectives.distill_kl(logits, pirate.top_ids, pirate.top_logp)
+    ce = torch.nn.functional.cross_entropy(logits, torch.tensor(pirate.response), reduction="none")
+    assert torch.allclose(kl[forced(pirate)], ce[forced(pirate)], atol=1e-4)
+    teacher = student.logits(student.make_batch([student.prompt_ids(query["text"], system=long.description)],
+                                                [long.response]))
+    top = torch.log_softmax(teacher, -1).topk(4, -1)
+    assert torch.equal(long.top_ids, top.indices.to(torch.int32))
+    assert torch.allclose(long.top_logp.float(), top.values, atol=1e-2)
 
 
-def _sample(n: int, k: int) -> Sample:
-    return Sample("p", "d", "q", [1], list(range(n)), torch.randint(0, 50, (n, k)) if k else torch.zeros(0),
-                  torch.log_softmax(torch.randn(n, k), -1) if k else torch.zeros(0))
+def test_training_refuses_dial_samples_cached_by_an_older_version(student, tmp_path):
+    from vllm_t2l.train.loop import TrainConfig, _examples
 
-
-def test_align_loss_is_kl_for_taught_samples_and_cross_entropy_for_dial_samples():
-    torch.manual_seed(0)
-    taught, ruled = _sample(3, 4), _sample(2, 0)
-    logits, targets = torch.randn(5, 50), torch.randint(0, 50, (5,))
-    loss = _align_loss(logits, targets, [taught, ruled])
-    kl = objectives.distill_kl(logits[:3], taught.top_ids, taught.top_logp)
-    ce = torch.nn.functional.cross_entropy(logits[3:], targets[3:], reduction="none")
-    assert torch.allclose(loss.sort().values, torch.cat([kl, ce]).sort().values)
-    assert torch.allclose(_align_loss(logits[3:], targets[3:], [ruled]), ce)
-    assert torch.allclose(_align_loss(logits[:3], targets[:3], [taught]), kl)
+    old = teacher.Sample("dial-short", "Be terse.", "q", [1], [2, 3], torch.zeros(0), torch.zeros(0))
+    taught = teacher.Sample("p", "d", "q", [1], [2], torch.zeros(1, 4, dtype=torch.int32), torch.zeros(1, 4))
+    teacher.save([taught], tmp_path / "teacher-train.pt")
+    teacher.save([old], tmp_path / "dials.pt")
+    with pytest.raises(ValueError, match="dials.pt holds dial samples without teacher rows"):
+        _examples(TrainConfig(dials=1), student, tmp_path, tmp_path)

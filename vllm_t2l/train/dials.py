@@ -5,12 +5,14 @@ Context distillation can only teach what the teacher does, and the embedded teac
 you can." as its system prompt still writes ~45 words (benchmarks/results/control/control.md). So for each pole in
 ``data/dials.jsonl`` the target is the base model's own answer (no system prompt), rewritten by a small rule: cut
 to a few words, or opened with a cheerful / gloomy / pirate / casual / formal phrase and a few word swaps. Trained
-with cross-entropy beside the distillation samples (``vllm-t2l train --dials N``), these give an adapter two ends
-that really differ, which is what a dial between them needs.
+beside the distillation samples (``vllm-t2l train --dials N``), these give an adapter two ends that really differ,
+which is what a dial between them needs. Only the tokens a rule wrote are forced; the rest of the answer is
+distilled from the teacher like any other sample (``samples``).
 """
 
 from __future__ import annotations
 
+import difflib
 import random
 import re
 from collections.abc import Callable
@@ -121,30 +123,59 @@ def pairs(poles: list[dict], queries: list[dict], per_pole: int, seed: int) -> l
             for p in poles for j, q in enumerate(rng.sample(queries, min(per_pole, len(queries))))]
 
 
-def samples(student: Student, triples: list[tuple[dict, str, dict]], answers: dict[str, list[int]],
-            seed: int) -> list[Sample]:
-    """Training samples with rule-made responses and no teacher distribution (trained with cross-entropy).
+RULED_LOGP = -1e4  # the other top-k entries of a rule-made token's one-hot row: exp() is 0 in fp16 and fp32
 
-    ``answers`` maps each query to the base model's answer token ids (eos included when it stopped).
+
+def rule_made(base: str, text: str) -> list[bool]:
+    """Per character of ``text``: True where a rule wrote it (opener, swapped word, closer), False where it is the
+    base answer's own text or a space, so a token like " The" after an opener is still the answer's."""
+    out = [not c.isspace() for c in text]
+    for block in difflib.SequenceMatcher(None, base, text, autojunk=False).get_matching_blocks():
+        out[block.b: block.b + block.size] = [False] * block.size
+    return out
+
+
+@torch.no_grad()
+def samples(student: Student, triples: list[tuple[dict, str, dict]], answers: dict[str, list[int]], seed: int,
+            top_k: int = 16, batch_size: int = 16) -> list[Sample]:
+    """Training samples whose tokens are taught two ways: where a rule wrote the token (and the final EOS), a
+    one-hot row, so the KL is the cross-entropy of that token; elsewhere the teacher's top-k, the base model with
+    the pole's wording as its system prompt, exactly as every distilled answer is taught. Only what the rule adds
+    is forced, so the body of a dial answer does not pull adapters back towards the no-prompt base model.
+
+    ``answers`` maps each query to the base model's answer token ids (eos included when it stopped). ``student``
+    must have no adapters installed: its plain forward pass is the teacher.
     """
     rng = random.Random(seed)
     tok, eos = student.tokenizer, student.tokenizer.eos_token_id
-    out = []
+    out, ruled = [], []
     for pole, desc, q in triples:
         ids = answers[q["text"]]
-        ended = bool(ids) and ids[-1] == eos
-        text, stop = target(pole["style"], tok.decode(ids, skip_special_tokens=True).strip(), ended, rng)
-        response = tok(text, add_special_tokens=False)["input_ids"] + ([eos] if stop else [])
-        out.append(Sample(pole["id"], desc, q["text"], student.prompt_ids(q["text"]), response,
-                          torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.float16)))
+        base = tok.decode(ids, skip_special_tokens=True).strip()
+        text, stop = target(pole["style"], base, bool(ids) and ids[-1] == eos, rng)
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        chars = rule_made(base, text)
+        ruled.append(torch.tensor([any(chars[a:b]) for a, b in enc["offset_mapping"]] + ([True] if stop else [])))
+        out.append(Sample(pole["id"], desc, q["text"], student.prompt_ids(q["text"]),
+                          enc["input_ids"] + ([eos] if stop else []), torch.zeros(0), torch.zeros(0)))
+    for i in range(0, len(out), batch_size):
+        chunk = out[i: i + batch_size]
+        batch = student.make_batch([student.prompt_ids(s.query, system=s.description) for s in chunk],
+                                   [s.response for s in chunk])
+        top = torch.log_softmax(student.logits(batch), -1).topk(top_k, -1)
+        rows = torch.cumsum(torch.tensor([0] + [len(s.response) for s in chunk]), 0).tolist()
+        for s, mask, a, b in zip(chunk, ruled[i: i + batch_size], rows, rows[1:]):
+            ids, logp = top.indices[a:b].clone(), top.values[a:b].clone()
+            ids[mask, 0], logp[mask, 0], logp[mask, 1:] = torch.tensor(s.response)[mask], 0.0, RULED_LOGP
+            s.top_ids, s.top_logp = ids.to(torch.int32), logp.to(torch.float16)
     return out
 
 
 def build(student: Student, model_dir: str | Path, triples: list[tuple[dict, str, dict]], max_new_tokens: int,
-          seed: int) -> list[Sample]:
+          seed: int, top_k: int) -> list[Sample]:
     """The base model answers every query once (vLLM's offline engine, no system prompt); rules do the rest."""
     from vllm_t2l.serving.offline import answer
 
     queries = sorted({q["text"] for _, _, q in triples})
     base = answer(model_dir, [[{"role": "user", "content": q}] for q in queries], max_new_tokens, 1)
-    return samples(student, triples, {q: a.token_ids for q, a in zip(queries, base)}, seed)
+    return samples(student, triples, {q: a.token_ids for q, a in zip(queries, base)}, seed, top_k)

@@ -101,9 +101,13 @@ def _examples(cfg: TrainConfig, student: Student, base_dir: Path, out: Path) -> 
                 student, base_dir, teacher.pairs(data.composites(prompts, cfg.composites, cfg.seed), queries, 1,
                                                  cfg.seed), cfg.max_new_tokens, cfg.top_k))
         if cfg.dials:
-            samples += _cached(out / "dials.pt", lambda: dials.build(
+            ruled = _cached(out / "dials.pt", lambda: dials.build(
                 student, base_dir, dials.pairs(data.load_dials(), queries, cfg.dials, cfg.seed), cfg.max_new_tokens,
-                cfg.seed))
+                cfg.seed, cfg.top_k))
+            if any(not s.top_ids.numel() for s in ruled):
+                raise ValueError(f"{out / 'dials.pt'} holds dial samples without teacher rows, from an older "
+                                 "vllm-t2l (commit 2eaa031 or before); delete it to rebuild them")
+            samples += ruled
         return samples
     if cfg.mode == "sft":
         eos = student.tokenizer.eos_token_id
@@ -214,7 +218,8 @@ def train(cfg: TrainConfig) -> Path:
             batch = student.make_batch([s.student_prompt for s in chunk], [s.response for s in chunk])
             logits = student.logits(batch)
             if cfg.mode == "align":
-                per_token = _align_loss(logits, batch.targets, chunk)
+                per_token = objectives.distill_kl(logits, torch.cat([s.top_ids for s in chunk]),
+                                                  torch.cat([s.top_logp for s in chunk]))
             else:
                 per_token = objectives.cross_entropy(logits, batch.targets, label_smoothing=0.1)
             loss = per_token.mean()
@@ -241,18 +246,6 @@ def train(cfg: TrainConfig) -> Path:
             "examples": n_items, "descriptions": len(texts)}
     ckpt = Checkpoint(model, emb_cfg, trained=True, card=card)
     return ckpt.save(out / "checkpoint")
-
-
-def _align_loss(logits: torch.Tensor, targets: torch.Tensor, chunk: list[teacher.Sample]) -> torch.Tensor:
-    """Per-token loss: KL to the teacher where a sample has its distribution, cross-entropy where it has only a
-    rule-made response (train/dials.py)."""
-    soft = torch.cat([torch.full((len(s.response),), s.top_ids.numel() > 0) for s in chunk])
-    taught = [s for s in chunk if s.top_ids.numel()]
-    parts = [objectives.cross_entropy(logits[~soft], targets[~soft])]
-    if taught:
-        parts.append(objectives.distill_kl(logits[soft], torch.cat([s.top_ids for s in taught]),
-                                           torch.cat([s.top_logp for s in taught])))
-    return torch.cat(parts)
 
 
 def _init_from(model: nn.Module, folder: Path) -> None:

@@ -1,0 +1,53 @@
+"""What do a checkpoint's adapters do with a few wordings? Greedy answers through Hugging Face transformers, no
+vLLM server, so it runs in a minute beside a training run.
+
+    PYTHONPATH=. .venv/bin/python -m benchmarks.adapter_probe runs/zdial3/checkpoint "Be terse." "Be verbose."
+
+Answers the first ``--queries`` held-out queries (greedy, at most ``--max-tokens``) with each wording's
+generated adapter and prints the mean of every measure of ``vllm_t2l/train/checks.py`` beside the first answer.
+A diagnostic, not a benchmark: the control curves (benchmarks/control.py) are the measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.control import spread
+from vllm_t2l.generator import Generator
+from vllm_t2l.models import prepare_default_model
+from vllm_t2l.train import data
+from vllm_t2l.train.checks import MEASURES
+from vllm_t2l.train.student import Student
+
+SHOWN = ("words", "sentiment", "formality", "pirate")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("wordings", nargs="+")
+    parser.add_argument("--queries", type=int, default=6)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    args = parser.parse_args(argv)
+
+    gen = Generator.load(args.checkpoint)
+    cfg = gen.checkpoint.config
+    student = Student(prepare_default_model(), cfg.target_modules)
+    queries = spread([q["text"] for q in data.load_queries() if q["split"] != "train"], args.queries)
+    prompts = [student.prompt_ids(q) for q in queries]
+    print("| wording | " + " | ".join(SHOWN) + " | first answer |\n|---|" + "---|" * (len(SHOWN) + 1))
+    for wording in args.wordings:
+        with torch.no_grad():
+            emb = gen.embedder([wording]).expand(len(queries), -1)
+            student.set_adapters(gen.checkpoint.hypernet(emb), cfg.scaling)
+            answers = [student.tokenizer.decode(ids, skip_special_tokens=True)
+                       for ids in student.generate(prompts, args.max_tokens)]
+        means = [sum(map(MEASURES[m], answers)) / len(answers) for m in SHOWN]
+        first = answers[0].replace("\n", " ").replace("|", "/")[:120]
+        print(f"| {wording} | " + " | ".join(f"{v:.2f}" for v in means) + f" | {first} |")
+
+
+if __name__ == "__main__":
+    main()
