@@ -1,7 +1,7 @@
 """What do a checkpoint's adapters do with a few wordings? Greedy answers through Hugging Face transformers, no
 vLLM server, so it runs in a minute beside a training run.
 
-    PYTHONPATH=. .venv/bin/python -m benchmarks.adapter_probe runs/zdial3/checkpoint "Be terse." "Be verbose."
+    .venv/bin/python -m benchmarks.adapter_probe runs/zdial3/checkpoint "Be terse." "Be verbose."
 
 Answers the first ``--queries`` held-out queries (greedy, at most ``--max-tokens``) with each wording's
 generated adapter and prints the mean of every measure of ``vllm_t2l/train/checks.py`` beside the first answer.
