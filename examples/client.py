@@ -26,7 +26,7 @@ def main() -> None:
     for model in MODELS:
         reply = client.chat.completions.create(
             model=model or base, messages=[{"role": "user", "content": QUESTION}],
-            max_tokens=64, temperature=0)
+            max_tokens=64, temperature=0, frequency_penalty=0.5)  # greedy 135M answers loop without a penalty
         print(f"--- {model or 'base model'}\n{reply.choices[0].message.content}\n")
 
 
