@@ -4,7 +4,9 @@ vLLM server, so it runs in a minute beside a training run.
     .venv/bin/python -m benchmarks.adapter_probe runs/zdial3/checkpoint "Be terse." "Be verbose."
 
 Answers the first ``--queries`` held-out queries (greedy, at most ``--max-tokens``) with each wording's
-generated adapter and prints the mean of every measure of ``vllm_t2l/train/checks.py`` beside the first answer.
+generated adapter and prints the mean of every measure of ``vllm_t2l/train/checks.py`` beside the first answer,
+then how near each wording's embedding lies to each dial pole's training wordings (mean cosine): a dial can only
+reach a wording its embedder puts near the right pole.
 A diagnostic, not a benchmark: the control curves (benchmarks/control.py) are the measurement.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+import torch.nn.functional as F
 
 from benchmarks.control import spread
 from vllm_t2l.generator import Generator
@@ -47,6 +50,12 @@ def main(argv: list[str] | None = None) -> None:
         means = [sum(map(MEASURES[m], answers)) / len(answers) for m in SHOWN]
         first = answers[0].replace("\n", " ").replace("|", "/")[:120]
         print(f"| {wording} | " + " | ".join(f"{v:.2f}" for v in means) + f" | {first} |")
+
+    poles = {p["style"]: F.normalize(gen.embedder(p["descriptions"]), dim=-1) for p in data.load_dials()}
+    print("\n| wording | " + " | ".join(poles) + " |\n|---|" + "---|" * len(poles))
+    for wording in args.wordings:
+        e = F.normalize(gen.embedder([wording]), dim=-1)[0]
+        print(f"| {wording} | " + " | ".join(f"{float((p @ e).mean()):.2f}" for p in poles.values()) + " |")
 
 
 if __name__ == "__main__":

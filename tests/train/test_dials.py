@@ -122,7 +122,7 @@ def test_samples_force_the_rule_and_leave_the_answer_to_the_teacher(student):
         assert s.top_ids.shape == s.top_logp.shape == (len(s.response), 4)
         assert s.top_ids.dtype == torch.int32 and s.top_logp.dtype == torch.float16
     forced = lambda s: s.top_logp[:, 1] == dials.RULED_LOGP  # noqa: E731
-    assert not forced(long).any() and forced(short).all()
+    assert not forced(long).any() and forced(short).tolist() == [False] * (len(short.response) - 1) + [True]
     tokens = [student.tokenizer.decode([t]) for t in pirate.response]
     assert "".join(t for t, f in zip(tokens, forced(pirate)) if f) == "Arr! ye ye Arr!<|im_end|>"
 

@@ -124,9 +124,6 @@ def pairs(poles: list[dict], queries: list[dict], per_pole: int, seed: int) -> l
 
 
 RULED_LOGP = -1e4  # the other top-k entries of a rule-made token's one-hot row: exp() is 0 in fp16 and fp32
-# A cut answer is the rule's throughout: no teacher writes eight words and stops (the prompted 135M teacher's rows
-# carry its ~45-word answer), and forcing only the final EOS left run 4's short adapters as long as the base model.
-WHOLLY_RULED = {"short"}
 
 
 def rule_made(base: str, text: str) -> list[bool]:
@@ -141,11 +138,10 @@ def rule_made(base: str, text: str) -> list[bool]:
 @torch.no_grad()
 def samples(student: Student, triples: list[tuple[dict, str, dict]], answers: dict[str, list[int]], seed: int,
             top_k: int = 16, batch_size: int = 16) -> list[Sample]:
-    """Training samples whose tokens are taught two ways: where a rule wrote the token (and the final EOS; every
-    token of a ``WHOLLY_RULED`` style), a one-hot row, so the KL is the cross-entropy of that token; elsewhere the
-    teacher's top-k, the base model with the pole's wording as its system prompt, exactly as every distilled answer
-    is taught. Only what the rule adds is forced, so the body of a dial answer does not pull adapters back towards
-    the no-prompt base model.
+    """Training samples whose tokens are taught two ways: where a rule wrote the token (and the final EOS), a
+    one-hot row, so the KL is the cross-entropy of that token; elsewhere the teacher's top-k, the base model with
+    the pole's wording as its system prompt, exactly as every distilled answer is taught. Only what the rule adds
+    is forced, so the body of a dial answer does not pull adapters back towards the no-prompt base model.
 
     ``answers`` maps each query to the base model's answer token ids (eos included when it stopped). ``student``
     must have no adapters installed: its plain forward pass is the teacher.
@@ -158,7 +154,7 @@ def samples(student: Student, triples: list[tuple[dict, str, dict]], answers: di
         base = tok.decode(ids, skip_special_tokens=True).strip()
         text, stop = target(pole["style"], base, bool(ids) and ids[-1] == eos, rng)
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        chars = [True] * len(text) if pole["style"] in WHOLLY_RULED else rule_made(base, text)
+        chars = rule_made(base, text)
         ruled.append(torch.tensor([any(chars[a:b]) for a, b in enc["offset_mapping"]] + ([True] if stop else [])))
         out.append(Sample(pole["id"], desc, q["text"], student.prompt_ids(q["text"]),
                           enc["input_ids"] + ([eos] if stop else []), torch.zeros(0), torch.zeros(0)))
