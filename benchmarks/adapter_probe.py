@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from benchmarks.control import spread
 from vllm_t2l.generator import Generator
 from vllm_t2l.models import prepare_default_model
+from vllm_t2l.names import spec_from_parts
 from vllm_t2l.train import data
 from vllm_t2l.train.checks import MEASURES
+from vllm_t2l.train.evaluate import as_batch
 from vllm_t2l.train.student import Student
 
 SHOWN = ("words", "sentiment", "formality", "pirate")
@@ -36,15 +38,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     gen = Generator.load(args.checkpoint)
-    cfg = gen.checkpoint.config
-    student = Student(prepare_default_model(), cfg.target_modules)
+    student = Student(prepare_default_model(), gen.checkpoint.config.target_modules)
     queries = spread([q["text"] for q in data.load_queries() if q["split"] != "train"], args.queries)
     prompts = [student.prompt_ids(q) for q in queries]
     print("| wording | " + " | ".join(SHOWN) + " | first answer |\n|---|" + "---|" * (len(SHOWN) + 1))
     for wording in args.wordings:
         with torch.no_grad():
-            emb = gen.embedder([wording]).expand(len(queries), -1)
-            student.set_adapters(gen.checkpoint.hypernet(emb), cfg.scaling)
+            student.set_adapters(*as_batch([gen.generate_one(spec_from_parts([wording]))] * len(queries)))
             answers = [student.tokenizer.decode(ids, skip_special_tokens=True)
                        for ids in student.generate(prompts, args.max_tokens)]
         means = [sum(map(MEASURES[m], answers)) / len(answers) for m in SHOWN]

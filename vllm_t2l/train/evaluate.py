@@ -47,7 +47,7 @@ def heldout_triples(cfg: EvalConfig) -> list[tuple[dict, str, dict]]:
     return teacher.pairs(prompts, queries, cfg.queries_per_prompt, cfg.seed, all_descriptions=False)
 
 
-def _as_batch(loras: list[LoRAWeights]) -> tuple[dict, torch.Tensor]:
+def as_batch(loras: list[LoRAWeights]) -> tuple[dict, torch.Tensor]:
     """Stack adapters (any ranks: zero-padded to the largest) into the student's per-row format."""
     r = max(lo.rank for lo in loras)
     batch = {}
@@ -69,7 +69,7 @@ def kl_per_sample(student: Student, samples: list[teacher.Sample], adapter_of, c
         if loras[0] is None:
             student.set_adapters(None)
         else:
-            student.set_adapters(*_as_batch(loras))
+            student.set_adapters(*as_batch(loras))
         batch = student.make_batch([s.student_prompt for s in chunk], [s.response for s in chunk])
         per_token = objectives.distill_kl(student.logits(batch), torch.cat([s.top_ids for s in chunk]),
                                           torch.cat([s.top_logp for s in chunk]))
