@@ -139,6 +139,15 @@ def static_minilm():
     return Embedder(EmbedderConfig(name=STATIC_EMBEDDER_NAME, dim=384), str(prepare_static_embedder()))
 
 
+@pytest.fixture(scope="session")
+def student():
+    """The embedded base model with no adapter slots: the teacher of dial samples."""
+    from vllm_t2l.models import prepare_default_model
+    from vllm_t2l.train.student import Student
+
+    return Student(prepare_default_model(), ())
+
+
 @pytest.fixture
 def one_thread():
     """Run a test's tiny CPU model on one thread: on a shared, busy CPU, torch's thread pool makes a

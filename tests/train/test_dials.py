@@ -90,14 +90,6 @@ def test_pairs_give_each_pole_its_queries_and_every_wording():
         assert {d for d, _ in mine} == set(pole["descriptions"])
 
 
-@pytest.fixture(scope="module")
-def student():
-    from vllm_t2l.models import prepare_default_model
-    from vllm_t2l.train.student import Student
-
-    return Student(prepare_default_model(), ())
-
-
 def test_rule_made_marks_openers_swaps_and_cuts_but_not_the_answer():
     base = "You can see the stars. They are far away."
     text = "Arr, matey! ye can see the stars. They are far away. Arr!"
@@ -121,7 +113,8 @@ def test_samples_force_the_rule_and_leave_the_answer_to_the_teacher(student):
     for s in (short, long, pirate):
         assert s.top_ids.shape == s.top_logp.shape == (len(s.response), 4)
         assert s.top_ids.dtype == torch.int32 and s.top_logp.dtype == torch.float16
-    forced = lambda s: s.top_logp[:, 1] == dials.RULED_LOGP  # noqa: E731
+    forced = lambda s: dials.token_weights(s.top_logp, 8.0) == 8.0  # noqa: E731
+    assert set(dials.token_weights(pirate.top_logp, 8.0).tolist()) == {1.0, 8.0}
     assert not forced(long).any() and forced(short).tolist() == [False] * (len(short.response) - 1) + [True]
     tokens = [student.tokenizer.decode([t]) for t in pirate.response]
     assert "".join(t for t, f in zip(tokens, forced(pirate)) if f) == "Arr! ye ye Arr!<|im_end|>"

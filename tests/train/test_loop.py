@@ -1,4 +1,5 @@
-"""The training loop, in its cheapest mode (recon, on the tiny shapes): starting from a checkpoint."""
+"""The training loop: starting from a checkpoint (recon on the tiny shapes, the cheapest mode), and the align
+path end to end on the real base model from cached teacher rows."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from conftest import rand_lora
 from safetensors.torch import load_file
 
 from vllm_t2l.checkpoint import CheckpointError
+from vllm_t2l.models import prepare_default_model
+from vllm_t2l.train import dials, teacher
+from vllm_t2l.train.data import load_dials
 from vllm_t2l.train.loop import TrainConfig, train
 
 
@@ -47,3 +51,22 @@ def test_init_refuses_a_different_network(recon_config):
         train(recon_config("other", rank=4, init=str(first)))
     with pytest.raises(ValueError, match="needs a hypernetwork"):
         train(recon_config("lora", arch="lora", init=str(first)))
+
+
+def test_align_trains_on_dial_samples_and_weights_what_a_rule_wrote(tmp_path, student):
+    query = "What is the capital of France?"
+    answer = student.tokenizer("The capital of France is Paris. It is a lovely city.", add_special_tokens=False)
+    poles = {p["style"]: p for p in load_dials()}
+    triples = [(poles[s], poles[s]["descriptions"][0], {"text": query}) for s in ("long", "short", "pirate")]
+    made = dials.samples(student, triples, {query: answer["input_ids"] + [student.tokenizer.eos_token_id]}, seed=0)
+    trained = {}
+    for w in (1.0, 50.0):
+        out = tmp_path / f"ruled-{w}"
+        out.mkdir()
+        teacher.save(made[:1], out / "teacher-train.pt")  # caches in place: no vLLM teacher in this test
+        teacher.save(made[1:], out / "dials.pt")
+        trained[w] = weights(train(TrainConfig(out=str(out), base_model=str(prepare_default_model()), dials=1,
+                                               ruled_weight=w, steps=2, batch_size=3, latent=32, head_in=48)))
+    one, fifty = trained[1.0], trained[50.0]
+    assert all(t.isfinite().all() for t in one.values())
+    assert not one["heads.q_proj.weight"].equal(fifty["heads.q_proj.weight"])

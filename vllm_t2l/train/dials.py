@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from vllm_t2l.train.student import Student
 from vllm_t2l.train.teacher import Sample
@@ -124,6 +125,12 @@ def pairs(poles: list[dict], queries: list[dict], per_pole: int, seed: int) -> l
 
 
 RULED_LOGP = -1e4  # the other top-k entries of a rule-made token's one-hot row: exp() is 0 in fp16 and fp32
+
+
+def token_weights(top_logp: Tensor, ruled_weight: float) -> Tensor:
+    """Loss weight per teacher row: ``ruled_weight`` where a rule wrote the token, 1 elsewhere. A short answer's
+    only rule-made token is its early EOS, one row in a batch of hundreds, too faint to learn at weight 1."""
+    return torch.where(top_logp[:, 1] == RULED_LOGP, ruled_weight, 1.0)
 
 
 def rule_made(base: str, text: str) -> list[bool]:

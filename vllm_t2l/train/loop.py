@@ -52,6 +52,7 @@ class TrainConfig:
     per_prompt: int = 12  # teacher answers per training prompt
     composites: int = 0  # align: this many more behaviours, two training descriptions together (one answer each)
     dials: int = 0  # align: this many rule-made examples per pole of data/dials.jsonl (train/dials.py)
+    ruled_weight: float = 1.0  # align: loss weight of a dial answer's rule-written tokens (dials.token_weights)
     max_new_tokens: int = 32
     top_k: int = 16
     prompt_ids: tuple[str, ...] = ()  # restrict training to these prompts (oracle adapters)
@@ -218,11 +219,12 @@ def train(cfg: TrainConfig) -> Path:
             batch = student.make_batch([s.student_prompt for s in chunk], [s.response for s in chunk])
             logits = student.logits(batch)
             if cfg.mode == "align":
-                per_token = objectives.distill_kl(logits, torch.cat([s.top_ids for s in chunk]),
-                                                  torch.cat([s.top_logp for s in chunk]))
+                top_logp = torch.cat([s.top_logp for s in chunk])
+                per_token = objectives.distill_kl(logits, torch.cat([s.top_ids for s in chunk]), top_logp)
+                weight = dials.token_weights(top_logp, cfg.ruled_weight)
+                loss = (per_token * weight).sum() / weight.sum()
             else:
-                per_token = objectives.cross_entropy(logits, batch.targets, label_smoothing=0.1)
-            loss = per_token.mean()
+                loss = objectives.cross_entropy(logits, batch.targets, label_smoothing=0.1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
