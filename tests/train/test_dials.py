@@ -140,3 +140,14 @@ def test_training_refuses_dial_samples_cached_by_an_older_version(student, tmp_p
     teacher.save([old], tmp_path / "dials.pt")
     with pytest.raises(ValueError, match="dials.pt holds dial samples without teacher rows"):
         _examples(TrainConfig(dials=1), student, tmp_path, tmp_path)
+
+
+def test_pole_weights_name_a_known_pole_and_a_finite_weight():
+    poles = load_dials()
+    assert dials.pole_weights(("dial-short=32", "dial-gloomy=2.5"), poles) == {"dial-short": 32.0, "dial-gloomy": 2.5}
+    assert dials.pole_weights((), poles) == {}
+    for bad, says in [("dial-shortt=3", "one of"), ("short=3", "one of"), ("dial-short", "POLE=WEIGHT"),
+                      ("dial-short=nan", "finite"), ("dial-short=-1", ">= 0"), ("dial-short=inf", "finite"),
+                      ("dial-short=lots", "finite")]:
+        with pytest.raises(ValueError, match=says):
+            dials.pole_weights((bad,), poles)

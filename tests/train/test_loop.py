@@ -59,14 +59,17 @@ def test_align_trains_on_dial_samples_and_weights_what_a_rule_wrote(tmp_path, st
     poles = {p["style"]: p for p in load_dials()}
     triples = [(poles[s], poles[s]["descriptions"][0], {"text": query}) for s in ("long", "short", "pirate")]
     made = dials.samples(student, triples, {query: answer["input_ids"] + [student.tokenizer.eos_token_id]}, seed=0)
+    runs = {"one": {}, "fifty": {"ruled_weight": 50.0},
+            "fifty-by-pole": {"pole_weights": ("dial-short=50", "dial-pirate=50")}}
     trained = {}
-    for w in (1.0, 50.0):
-        out = tmp_path / f"ruled-{w}"
+    for name, kw in runs.items():
+        out = tmp_path / name
         out.mkdir()
         teacher.save(made[:1], out / "teacher-train.pt")  # caches in place: no vLLM teacher in this test
         teacher.save(made[1:], out / "dials.pt")
-        trained[w] = weights(train(TrainConfig(out=str(out), base_model=str(prepare_default_model()), dials=1,
-                                               ruled_weight=w, steps=2, batch_size=3, latent=32, head_in=48)))
-    one, fifty = trained[1.0], trained[50.0]
-    assert all(t.isfinite().all() for t in one.values())
-    assert not one["heads.q_proj.weight"].equal(fifty["heads.q_proj.weight"])
+        trained[name] = weights(train(TrainConfig(out=str(out), base_model=str(prepare_default_model()), dials=1,
+                                                  steps=2, batch_size=3, latent=32, head_in=48, **kw)))
+    one, fifty = trained["one"]["heads.q_proj.weight"], trained["fifty"]["heads.q_proj.weight"]
+    assert all(t.isfinite().all() for t in trained["one"].values())
+    assert not one.equal(fifty)
+    assert trained["fifty-by-pole"]["heads.q_proj.weight"].equal(fifty)  # both dial poles overridden = global 50

@@ -13,6 +13,7 @@ distilled from the teacher like any other sample (``samples``).
 from __future__ import annotations
 
 import difflib
+import math
 import random
 import re
 from collections.abc import Callable
@@ -127,10 +128,29 @@ def pairs(poles: list[dict], queries: list[dict], per_pole: int, seed: int) -> l
 RULED_LOGP = -1e4  # the other top-k entries of a rule-made token's one-hot row: exp() is 0 in fp16 and fp32
 
 
-def token_weights(top_logp: Tensor, ruled_weight: float) -> Tensor:
-    """Loss weight per teacher row: ``ruled_weight`` where a rule wrote the token, 1 elsewhere. A short answer's
-    only rule-made token is its early EOS, one row in a batch of hundreds, too faint to learn at weight 1."""
+def token_weights(top_logp: Tensor, ruled_weight: float | Tensor) -> Tensor:
+    """Loss weight per teacher row: ``ruled_weight`` (one number, or one per row) where a rule wrote the token, 1
+    elsewhere. A short answer's only rule-made tokens are its cut and early EOS, two rows in a batch of hundreds,
+    too faint to learn at weight 1."""
     return torch.where(top_logp[:, 1] == RULED_LOGP, ruled_weight, 1.0)
+
+
+def pole_weights(entries: tuple[str, ...], poles: list[dict]) -> dict[str, float]:
+    """``("dial-short=32", ...)`` -> {pole id: weight}. Poles differ in how much a rule writes (an opener is a
+    quarter of a tone answer, a cut one token of a short one), so one weight for all of them over- or under-shoots."""
+    ids, out = {p["id"] for p in poles}, {}
+    for entry in entries:
+        pole, sep, value = entry.partition("=")
+        if not sep or pole not in ids:
+            raise ValueError(f"pole weight {entry!r}: expected POLE=WEIGHT with POLE one of {sorted(ids)}")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = math.nan
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"pole weight {entry!r}: the weight must be a finite number >= 0")
+        out[pole] = weight
+    return out
 
 
 def rule_made(base: str, text: str) -> list[bool]:

@@ -53,6 +53,7 @@ class TrainConfig:
     composites: int = 0  # align: this many more behaviours, two training descriptions together (one answer each)
     dials: int = 0  # align: this many rule-made examples per pole of data/dials.jsonl (train/dials.py)
     ruled_weight: float = 1.0  # align: loss weight of a dial answer's rule-written tokens (dials.token_weights)
+    pole_weights: tuple[str, ...] = ()  # align: per-pole overrides of ruled_weight, e.g. dial-short=32
     max_new_tokens: int = 32
     top_k: int = 16
     prompt_ids: tuple[str, ...] = ()  # restrict training to these prompts (oracle adapters)
@@ -161,6 +162,7 @@ def train(cfg: TrainConfig) -> Path:
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
+    by_pole = dials.pole_weights(tuple(cfg.pole_weights), data.load_dials())
 
     base_dir = Path(cfg.base_model) if cfg.base_model else prepare_default_model()
     embedder_path = cfg.embedder or str(default_embedder_path())
@@ -221,7 +223,9 @@ def train(cfg: TrainConfig) -> Path:
             if cfg.mode == "align":
                 top_logp = torch.cat([s.top_logp for s in chunk])
                 per_token = objectives.distill_kl(logits, torch.cat([s.top_ids for s in chunk]), top_logp)
-                weight = dials.token_weights(top_logp, cfg.ruled_weight)
+                ruled = torch.cat([torch.full((len(s.response),), by_pole.get(s.prompt_id, cfg.ruled_weight))
+                                   for s in chunk])
+                weight = dials.token_weights(top_logp, ruled)
                 loss = (per_token * weight).sum() / weight.sum()
             else:
                 loss = objectives.cross_entropy(logits, batch.targets, label_smoothing=0.1).mean()
