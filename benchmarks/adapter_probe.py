@@ -4,7 +4,8 @@ vLLM server, so it runs in a minute beside a training run.
     .venv/bin/python -m benchmarks.adapter_probe runs/zdial3/checkpoint "Be terse." "Be verbose."
 
 Answers the first ``--queries`` held-out queries (greedy, at most ``--max-tokens``) with each wording's
-generated adapter and prints the mean of every measure of ``vllm_t2l/train/checks.py`` beside the first answer,
+generated adapter and prints the mean of every measure of ``vllm_t2l/train/checks.py``, how many answers open with a
+dial rule's phrase (benchmarks/openers.py) and the first answer,
 then how near each wording's embedding lies to each dial pole's training wordings (mean cosine): a dial can only
 reach a wording its embedder puts near the right pole.
 A diagnostic, not a benchmark: the control curves (benchmarks/control.py) are the measurement.
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.control import spread
+from benchmarks.openers import opener_counts
 from vllm_t2l.generator import Generator
 from vllm_t2l.models import prepare_default_model
 from vllm_t2l.names import spec_from_parts
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     student = Student(prepare_default_model(), gen.checkpoint.config.target_modules)
     queries = spread([q["text"] for q in data.load_queries() if q["split"] != "train"], args.queries)
     prompts = [student.prompt_ids(q) for q in queries]
-    print("| wording | " + " | ".join(SHOWN) + " | first answer |\n|---|" + "---|" * (len(SHOWN) + 1))
+    print("| wording | " + " | ".join(SHOWN) + " | openers | first answer |\n|---|" + "---|" * (len(SHOWN) + 2))
     for wording in args.wordings:
         with torch.no_grad():
             student.set_adapters(*as_batch([gen.generate_one(spec_from_parts([wording]))] * len(queries)))
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
                        for ids in student.generate(prompts, args.max_tokens)]
         means = [sum(map(MEASURES[m], answers)) / len(answers) for m in SHOWN]
         first = answers[0].replace("\n", " ").replace("|", "/")[:120]
-        print(f"| {wording} | " + " | ".join(f"{v:.2f}" for v in means) + f" | {first} |")
+        opened = sum(opener_counts([a.strip() for a in answers]).values())  # the styles' phrases do not overlap
+        print(f"| {wording} | " + " | ".join(f"{v:.2f}" for v in means) + f" | {opened}/{len(answers)} | {first} |")
 
     poles = {p["style"]: F.normalize(gen.embedder(p["descriptions"]), dim=-1) for p in data.load_dials()}
     print("\n| wording | " + " | ".join(poles) + " |\n|---|" + "---|" * len(poles))
