@@ -73,3 +73,9 @@ def test_align_trains_on_dial_samples_and_weights_what_a_rule_wrote(tmp_path, st
     assert all(t.isfinite().all() for t in trained["one"].values())
     assert not one.equal(fifty)
     assert trained["fifty-by-pole"]["heads.q_proj.weight"].equal(fifty)  # both dial poles overridden = global 50
+
+
+def test_a_bad_pole_weight_fails_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="'dial-shortt=3'"):
+        train(TrainConfig(out=str(tmp_path / "run"), dials=1, pole_weights=("dial-shortt=3",)))
+    assert not (tmp_path / "run").exists()

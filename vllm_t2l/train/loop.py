@@ -157,12 +157,12 @@ def train(cfg: TrainConfig) -> Path:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    by_pole = dials.pole_weights(tuple(cfg.pole_weights), data.load_dials())  # a typo fails before any work
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    by_pole = dials.pole_weights(tuple(cfg.pole_weights), data.load_dials())
 
     base_dir = Path(cfg.base_model) if cfg.base_model else prepare_default_model()
     embedder_path = cfg.embedder or str(default_embedder_path())
