@@ -5,7 +5,8 @@ vLLM server, so it runs in a minute beside a training run.
 
 Answers the first ``--queries`` held-out queries (greedy, at most ``--max-tokens``) with each wording's
 generated adapter and prints the mean of every measure of ``vllm_t2l/train/checks.py``, how many answers open with a
-dial rule's phrase (benchmarks/openers.py) and the first answer,
+dial rule's phrase (benchmarks/openers.py), the adapter's size (Frobenius norm of its whole update) and the first
+answer,
 then how near each wording's embedding lies to each dial pole's training wordings (mean cosine): a dial can only
 reach a wording its embedder puts near the right pole.
 A diagnostic, not a benchmark: the control curves (benchmarks/control.py) are the measurement.
@@ -43,16 +44,18 @@ def main(argv: list[str] | None = None) -> None:
     student = Student(prepare_default_model(), gen.checkpoint.config.target_modules)
     queries = spread([q["text"] for q in data.load_queries() if q["split"] != "train"], args.queries)
     prompts = [student.prompt_ids(q) for q in queries]
-    print("| wording | " + " | ".join(SHOWN) + " | openers | first answer |\n|---|" + "---|" * (len(SHOWN) + 2))
+    print("| wording | " + " | ".join(SHOWN) + " | openers | ‖dW‖ | first answer |\n|---|" + "---|" * (len(SHOWN) + 3))
     for wording in args.wordings:
         with torch.no_grad():
-            student.set_adapters(*as_batch([gen.generate_one(spec_from_parts([wording]))] * len(queries)))
+            adapter = gen.generate_one(spec_from_parts([wording]))
+            student.set_adapters(*as_batch([adapter] * len(queries)))
             answers = [student.tokenizer.decode(ids, skip_special_tokens=True)
                        for ids in student.generate(prompts, args.max_tokens)]
         means = [sum(map(MEASURES[m], answers)) / len(answers) for m in SHOWN]
         first = answers[0].replace("\n", " ").replace("|", "/")[:120]
         opened = sum(opener_counts([a.strip() for a in answers]).values())  # the styles' phrases do not overlap
-        print(f"| {wording} | " + " | ".join(f"{v:.2f}" for v in means) + f" | {opened}/{len(answers)} | {first} |")
+        cells = [f"{v:.2f}" for v in means] + [f"{opened}/{len(answers)}", f"{adapter.norm():.2f}", first]
+        print(f"| {wording} | " + " | ".join(cells) + " |")
 
     poles = {p["style"]: F.normalize(gen.embedder(p["descriptions"]), dim=-1) for p in data.load_dials()}
     print("\n| wording | " + " | ".join(poles) + " |\n|---|" + "---|" * len(poles))

@@ -100,13 +100,8 @@ def answer_nll(student: Student, prompts: list[list[int]], answers: list[list[in
 
 def relative_distance(a: LoRAWeights, b: LoRAWeights) -> float:
     """||dW_b - dW_a|| / ||dW_a||, Frobenius over every layer and module: how much B's adapter differs from A's."""
-    diff = norm = 0.0
-    for m in a.A:
-        for i in range(a.n_layers):
-            da = a.delta(m, i)
-            diff += (b.delta(m, i) - da).pow(2).sum().item()
-            norm += da.pow(2).sum().item()
-    return math.sqrt(diff / norm) if norm else float("nan")
+    norm = a.norm()
+    return LoRAWeights.weighted_sum([b, a], [1.0, -1.0]).norm() / norm if norm else float("nan")
 
 
 def summarise(rows: list[dict]) -> dict:

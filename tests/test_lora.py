@@ -31,6 +31,14 @@ def test_scaling(use_rslora, expect):
     torch.testing.assert_close(d, ref)
 
 
+def test_norm_is_the_frobenius_norm_of_every_update_together():
+    a, b = rand_lora(1, rank=4), rand_lora(2, rank=2, use_rslora=False)
+    dense = torch.cat([a.delta(m, i).flatten() for m in a.A for i in range(a.n_layers)])
+    assert a.norm() == pytest.approx(torch.linalg.vector_norm(dense).item(), rel=1e-9)
+    assert LoRAWeights.weighted_sum([a, a], [1.0, -1.0]).norm() == pytest.approx(0.0, abs=1e-6)
+    assert LoRAWeights.weighted_sum([a, b], [2.0, 0.0]).norm() == pytest.approx(2 * a.norm(), rel=1e-6)
+
+
 def test_state_dict_keys():
     lora = rand_lora(0, modules=("q_proj", "v_proj", "gate_proj", "down_proj"))
     sd = lora.state_dict()

@@ -45,6 +45,10 @@ class LoRAWeights:
         """Dense update [out, in] of one layer: for tests and measurements, not for serving."""
         return self.scaling * (self.B[module][layer].double() @ self.A[module][layer].double())
 
+    def norm(self) -> float:
+        """Frobenius norm of the whole update, every layer and module together: how strong an adapter is."""
+        return math.sqrt(sum(self.delta(m, i).pow(2).sum().item() for m in self.A for i in range(self.n_layers)))
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.A.values(), *self.B.values()))
 
