@@ -6,13 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import rand_lora
 from safetensors.torch import load_file
 
-from vllm_t2l.checkpoint import CheckpointError
+from vllm_t2l.checkpoint import CheckpointError, load
 from vllm_t2l.models import prepare_default_model
-from vllm_t2l.train import dials, teacher
-from vllm_t2l.train.data import load_dials
+from vllm_t2l.train import dials, objectives, teacher
+from vllm_t2l.train.data import load_dials, load_queries
 from vllm_t2l.train.loop import TrainConfig, train
 
 
@@ -53,26 +54,50 @@ def test_init_refuses_a_different_network(recon_config):
         train(recon_config("lora", arch="lora", init=str(first)))
 
 
-def test_align_trains_on_dial_samples_and_weights_what_a_rule_wrote(tmp_path, student):
+@pytest.fixture
+def align_config(tmp_path: Path, student):
+    """Align runs over three dial samples cached in place (no vLLM teacher in these tests); keyword arguments
+    override the config."""
     query = "What is the capital of France?"
     answer = student.tokenizer("The capital of France is Paris. It is a lovely city.", add_special_tokens=False)
     poles = {p["style"]: p for p in load_dials()}
     triples = [(poles[s], poles[s]["descriptions"][0], {"text": query}) for s in ("long", "short", "pirate")]
     made = dials.samples(student, triples, {query: answer["input_ids"] + [student.tokenizer.eos_token_id]}, seed=0)
-    runs = {"one": {}, "fifty": {"ruled_weight": 50.0},
-            "fifty-by-pole": {"pole_weights": ("dial-short=50", "dial-pirate=50")}}
-    trained = {}
-    for name, kw in runs.items():
+
+    def make(name: str, **kw) -> TrainConfig:
         out = tmp_path / name
         out.mkdir()
-        teacher.save(made[:1], out / "teacher-train.pt")  # caches in place: no vLLM teacher in this test
+        teacher.save(made[:1], out / "teacher-train.pt")
         teacher.save(made[1:], out / "dials.pt")
-        trained[name] = weights(train(TrainConfig(out=str(out), base_model=str(prepare_default_model()), dials=1,
-                                                  steps=2, batch_size=3, latent=32, head_in=48, **kw)))
+        return TrainConfig(**{"out": str(out), "base_model": str(prepare_default_model()), "dials": 1, "steps": 2,
+                              "batch_size": 3, "latent": 32, "head_in": 48, **kw})
+    return make
+
+
+def test_align_trains_on_dial_samples_and_weights_what_a_rule_wrote(align_config):
+    runs = {"one": {}, "fifty": {"ruled_weight": 50.0},
+            "fifty-by-pole": {"pole_weights": ("dial-short=50", "dial-pirate=50")}}
+    trained = {name: weights(train(align_config(name, **kw))) for name, kw in runs.items()}
     one, fifty = trained["one"]["heads.q_proj.weight"], trained["fifty"]["heads.q_proj.weight"]
     assert all(t.isfinite().all() for t in trained["one"].values())
     assert not one.equal(fifty)
     assert trained["fifty-by-pole"]["heads.q_proj.weight"].equal(fifty)  # both dial poles overridden = global 50
+
+
+def test_the_anchor_holds_other_texts_adapters_near_the_init(align_config, minilm):
+    start = train(align_config("start", lr=0.05))
+    runs = {name: load(train(align_config(name, steps=4, lr=0.05, init=str(start), **kw))).hypernet
+            for name, kw in {"free": {}, "held": {"anchor_weight": 100.0}}.items()}
+    emb = minilm([q["text"] for q in load_queries() if q["split"] == "train"][:16])
+    with torch.no_grad():
+        kept = load(start).hypernet(emb)
+        drift = {name: objectives.adapter_drift(net(emb), kept).mean().item() for name, net in runs.items()}
+    assert 0 < drift["held"] < drift["free"] / 2, drift
+
+
+def test_the_anchor_needs_an_init(tmp_path):
+    with pytest.raises(ValueError, match="needs --init"):
+        train(TrainConfig(out=str(tmp_path / "run"), anchor_weight=1.0))
 
 
 def test_a_bad_pole_weight_fails_before_anything_is_written(tmp_path):

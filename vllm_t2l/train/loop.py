@@ -54,6 +54,7 @@ class TrainConfig:
     dials: int = 0  # align: this many rule-made examples per pole of data/dials.jsonl (train/dials.py)
     ruled_weight: float = 1.0  # align: loss weight of a dial answer's rule-written tokens (dials.token_weights)
     pole_weights: tuple[str, ...] = ()  # align: per-pole overrides of ruled_weight, e.g. dial-short=32
+    anchor_weight: float = 0.0  # align with --init: pull adapters of non-dial texts back to --init's (_anchors)
     max_new_tokens: int = 32
     top_k: int = 16
     prompt_ids: tuple[str, ...] = ()  # restrict training to these prompts (oracle adapters)
@@ -158,6 +159,8 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     by_pole = dials.pole_weights(tuple(cfg.pole_weights), data.load_dials())  # a typo fails before any work
+    if cfg.anchor_weight and (cfg.mode != "align" or not cfg.init):
+        raise ValueError("--anchor-weight keeps adapters near the --init checkpoint's: it needs --init and align mode")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -177,6 +180,7 @@ def train(cfg: TrainConfig) -> Path:
     state_path = out / "state.pt"
     if cfg.init and not state_path.exists():  # before the teacher's answers: a bad --init fails in seconds
         _init_from(model, Path(cfg.init))
+    reference = load(Path(cfg.init)).hypernet.eval().requires_grad_(False) if cfg.anchor_weight else None
     student = Student(base_dir, hcfg.target_modules) if cfg.mode != "recon" else None
 
     if cfg.mode == "recon":
@@ -185,7 +189,8 @@ def train(cfg: TrainConfig) -> Path:
     else:
         samples = _examples(cfg, student, base_dir, out)
         texts = sorted({s.description for s in samples})
-    table = dict(zip(texts, embedder(texts)))
+    anchors = _anchors(samples) if reference is not None else []
+    table = dict(zip(texts + anchors, embedder(texts + anchors)))
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -227,6 +232,13 @@ def train(cfg: TrainConfig) -> Path:
                                    for s in chunk])
                 weight = dials.token_weights(top_logp, ruled)
                 loss = (per_token * weight).sum() / weight.sum()
+                if reference is not None:
+                    held = random.sample(anchors, min(cfg.batch_size, len(anchors)))
+                    emb = torch.stack([table[t] for t in held])
+                    with torch.no_grad():
+                        kept = reference(emb)
+                    drift = objectives.adapter_drift(model(emb), kept).mean()
+                    loss = loss + cfg.anchor_weight * drift
             else:
                 loss = objectives.cross_entropy(logits, batch.targets, label_smoothing=0.1).mean()
         opt.zero_grad(set_to_none=True)
@@ -238,7 +250,8 @@ def train(cfg: TrainConfig) -> Path:
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         log.write(json.dumps({"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0],
-                              "seconds": round(time.perf_counter() - t0, 3)}) + "\n")
+                              "seconds": round(time.perf_counter() - t0, 3),
+                              **({"drift": drift.item()} if reference is not None else {})}) + "\n")
         log.flush()
         if step % cfg.save_every == 0 or step == cfg.steps:
             _save_state(state_path, model, opt, sched, step)
@@ -252,6 +265,18 @@ def train(cfg: TrainConfig) -> Path:
             "examples": n_items, "descriptions": len(texts)}
     ckpt = Checkpoint(model, emb_cfg, trained=True, card=card)
     return ckpt.save(out / "checkpoint")
+
+
+def _anchors(samples: list[teacher.Sample]) -> list[str]:
+    """Texts whose adapters the anchor loss holds in place: every non-dial training description (composites too)
+    and the training queries, the latter standing in for text unlike any description.
+
+    Dial poles are trained to extremes; without an anchor the whole map drifts with them, and descriptions far from
+    every training one (the held-out manifestos) get large adapters they never asked for.
+    """
+    poles = {p["id"] for p in data.load_dials()}
+    described = {s.description for s in samples if s.prompt_id not in poles}
+    return sorted(described | {q["text"] for q in data.load_queries() if q["split"] == "train"})
 
 
 def _init_from(model: nn.Module, folder: Path) -> None:

@@ -31,3 +31,22 @@ def reconstruction(pred: dict[str, tuple[Tensor, Tensor]], target: dict[str, tup
     losses = [(pa - ta).abs().mean() + (pb - tb).abs().mean()
               for m in pred for (pa, pb), (ta, tb) in [(pred[m], target[m])]]
     return torch.stack(losses).mean()
+
+
+def adapter_drift(pred: dict[str, tuple[Tensor, Tensor]], ref: dict[str, tuple[Tensor, Tensor]]) -> Tensor:
+    """Per row, ||dW_pred - dW_ref||^2 / ||dW_ref||^2 over every layer and module: how far training has moved an
+    adapter from a reference network's (the anchor loss).
+
+    Exact without forming a dense update: with U = [B, -B_ref] and V = [A; A_ref] (rank 2r),
+    ||U V||^2 = sum((U^T U) * (V V^T)), two small Gram matrices per layer.
+    """
+    moved = kept = 0
+    for m, (a, b) in pred.items():
+        a_ref, b_ref = ref[m]
+        u, v = torch.cat([b, -b_ref], dim=-1), torch.cat([a, a_ref], dim=-2)
+        moved = moved + ((u.mT @ u) * (v @ v.mT)).sum((-3, -2, -1))
+        kept = kept + ((b_ref.mT @ b_ref) * (a_ref @ a_ref.mT)).sum((-3, -2, -1))
+    if (kept == 0).any():
+        raise ValueError("the reference makes an all-zero adapter, so there is nothing to stay near "
+                         "(an untrained --init checkpoint?)")
+    return moved / kept
