@@ -1,0 +1,69 @@
+"""Would a gate keep dial training off the held-out descriptions? An exact estimate from two checkpoints, no new
+training:
+
+    .venv/bin/python -m benchmarks.gate_estimate runs/zcm/checkpoint runs/zdial8/checkpoint --work runs/eval-zdial9
+
+The gate sends a description to the dial checkpoint when its nearest dial-pole training wording (cosine, by the
+dial checkpoint's embedder) is at least tau, and to the quality checkpoint otherwise. Each held-out sample's KL is
+then exactly one of the two checkpoints' KLs, so the table is the held-out gap such a pair would close, per tau.
+The control wordings' lowest nearest-pole cosine is printed too: a tau at or below it leaves the control curves
+exactly the dial checkpoint's. A diagnostic for a design, not a benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.control import PAIRS
+from vllm_t2l.generator import Generator
+from vllm_t2l.models import prepare_default_model
+from vllm_t2l.names import spec_from_parts
+from vllm_t2l.train import data, teacher
+from vllm_t2l.train.evaluate import EvalConfig, kl_per_sample
+from vllm_t2l.train.student import Student
+
+TAUS = (0.0, 0.6, 0.62, 0.64, 0.65, 0.7, 0.73, 0.75, 1.01)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("quality", help="checkpoint for descriptions far from every pole")
+    parser.add_argument("dial", help="checkpoint for descriptions near a pole")
+    parser.add_argument("--work", required=True, help="a `vllm-t2l eval --work` folder holding teacher-heldout.pt")
+    args = parser.parse_args(argv)
+
+    samples = teacher.load(Path(args.work) / "teacher-heldout.pt")
+    student = Student(prepare_default_model(), Generator.load(args.quality).checkpoint.config.target_modules)
+    cfg = EvalConfig(checkpoint=args.quality)
+    descriptions = sorted({s.description for s in samples})
+    kl = {"base": torch.tensor(kl_per_sample(student, samples, lambda s: None, cfg, "base"))}
+    for path in (args.quality, args.dial):
+        gen = Generator.load(path)
+        lora = dict(zip(descriptions, gen.generate([spec_from_parts([d]) for d in descriptions])))
+        kl[path] = torch.tensor(kl_per_sample(student, samples, lambda s, lora=lora: lora[s.description], cfg,
+                                              path))
+
+    def nearest(texts: list[str]) -> torch.Tensor:
+        poles = F.normalize(gen.embedder([w for p in data.load_dials() for w in p["descriptions"]]), dim=-1)
+        return (F.normalize(gen.embedder(texts), dim=-1) @ poles.T).max(1).values
+
+    near = dict(zip(descriptions, nearest(descriptions).tolist()))
+    cos = torch.tensor([near[s.description] for s in samples])
+    family = {p["id"]: p["family"] for p in data.load_prompts()}
+    manifesto = torch.tensor([family[s.prompt_id] == "manifesto" for s in samples])
+    lowest = nearest([w for p in PAIRS for w in (p.a, p.b)]).min().item()
+    print(f"\n{args.quality} / {args.dial}: control wordings' nearest-pole cosine >= {lowest:.2f}\n")
+    print("| tau | samples gated to the dial checkpoint | held-out gap closed | manifesto |\n|---|---|---|---|")
+    for tau in TAUS:
+        gated = torch.where(cos >= tau, kl[args.dial], kl[args.quality])
+        closed = 1 - gated.mean() / kl["base"].mean()
+        closed_m = 1 - gated[manifesto].mean() / kl["base"][manifesto].mean()
+        print(f"| {tau} | {(cos >= tau).float().mean():.1%} | {closed:.1%} | {closed_m:.1%} |")
+
+
+if __name__ == "__main__":
+    main()
