@@ -7,7 +7,8 @@ The gate sends a description to the dial checkpoint when its nearest dial-pole t
 dial checkpoint's embedder) is at least tau, and to the quality checkpoint otherwise. Each held-out sample's KL is
 then exactly one of the two checkpoints' KLs, so the table is the held-out gap such a pair would close, per tau.
 The control wordings' lowest nearest-pole cosine is printed too: a tau at or below it leaves the control curves
-exactly the dial checkpoint's. A diagnostic for a design, not a benchmark.
+exactly the dial checkpoint's; so is how near each pole wording lies to the others, which says what share of new
+wordings of a pole a given tau would catch. A diagnostic for a design, not a benchmark.
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ def main(argv: list[str] | None = None) -> None:
         kl[path] = torch.tensor(kl_per_sample(student, samples, lambda s, lora=lora: lora[s.description], cfg,
                                               path))
 
+    pole_wordings = [w for p in data.load_dials() for w in p["descriptions"]]
+    poles = F.normalize(gen.embedder(pole_wordings), dim=-1)
+
     def nearest(texts: list[str]) -> torch.Tensor:
-        poles = F.normalize(gen.embedder([w for p in data.load_dials() for w in p["descriptions"]]), dim=-1)
         return (F.normalize(gen.embedder(texts), dim=-1) @ poles.T).max(1).values
 
     near = dict(zip(descriptions, nearest(descriptions).tolist()))
@@ -56,7 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     family = {p["id"]: p["family"] for p in data.load_prompts()}
     manifesto = torch.tensor([family[s.prompt_id] == "manifesto" for s in samples])
     lowest = nearest([w for p in PAIRS for w in (p.a, p.b)]).min().item()
-    print(f"\n{args.quality} / {args.dial}: control wordings' nearest-pole cosine >= {lowest:.2f}\n")
+    others = (poles @ poles.T).fill_diagonal_(-1).max(1).values  # each pole wording as if unseen
+    print(f"\n{args.quality} / {args.dial}: control wordings' nearest-pole cosine >= {lowest:.2f}; a pole wording's "
+          f"nearest other one: median {others.median():.2f}, 10th percentile {others.quantile(0.1):.2f}\n")
     print("| tau | samples gated to the dial checkpoint | held-out gap closed | manifesto |\n|---|---|---|---|")
     for tau in TAUS:
         gated = torch.where(cos >= tau, kl[args.dial], kl[args.quality])
