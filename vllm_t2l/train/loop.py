@@ -158,7 +158,8 @@ def train(cfg: TrainConfig) -> Path:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    by_pole = dials.pole_weights(tuple(cfg.pole_weights), data.load_dials())  # a typo fails before any work
+    poles = data.load_dials()
+    by_pole = dials.pole_weights(tuple(cfg.pole_weights), poles)  # a typo fails before any work
     if cfg.anchor_weight and (cfg.mode != "align" or not cfg.init):
         raise ValueError("--anchor-weight keeps adapters near the --init checkpoint's: it needs --init and align mode")
     out = Path(cfg.out)
@@ -178,9 +179,12 @@ def train(cfg: TrainConfig) -> Path:
     shapes = BaseShapes.from_config(base_dir, hcfg.target_modules, name=base_dir.name)
     model: nn.Module = FreeLoRA(hcfg, shapes) if cfg.arch == "lora" else HyperNet(hcfg, shapes)
     state_path = out / "state.pt"
-    if cfg.init and not state_path.exists():  # before the teacher's answers: a bad --init fails in seconds
-        _init_from(model, Path(cfg.init))
-    reference = load(Path(cfg.init)).hypernet.eval().requires_grad_(False) if cfg.anchor_weight else None
+    resumed = state_path.exists()
+    # Before the teacher's answers, so a bad --init fails in seconds; read once, also for the anchor.
+    init = _load_init(model, Path(cfg.init)) if cfg.init and (cfg.anchor_weight or not resumed) else None
+    if init is not None and not resumed:
+        model.load_state_dict(init.hypernet.state_dict())
+    reference = init.hypernet.eval().requires_grad_(False) if cfg.anchor_weight else None
     student = Student(base_dir, hcfg.target_modules) if cfg.mode != "recon" else None
 
     if cfg.mode == "recon":
@@ -189,7 +193,7 @@ def train(cfg: TrainConfig) -> Path:
     else:
         samples = _examples(cfg, student, base_dir, out)
         texts = sorted({s.description for s in samples})
-    anchors = _anchors(samples) if reference is not None else []
+    anchors = _anchors(samples, poles) if reference is not None else []
     table = dict(zip(texts + anchors, embedder(texts + anchors)))
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -197,7 +201,7 @@ def train(cfg: TrainConfig) -> Path:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * max(
         0.05, 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, cfg.steps))))))
     step = 0
-    if state_path.exists():
+    if resumed:
         state = torch.load(state_path, weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
@@ -267,19 +271,19 @@ def train(cfg: TrainConfig) -> Path:
     return ckpt.save(out / "checkpoint")
 
 
-def _anchors(samples: list[teacher.Sample]) -> list[str]:
+def _anchors(samples: list[teacher.Sample], poles: list[dict]) -> list[str]:
     """Texts whose adapters the anchor loss holds in place: every non-dial training description (composites too)
     and the training queries, the latter standing in for text unlike any description.
 
     Dial poles are trained to extremes; without an anchor the whole map drifts with them, and descriptions far from
     every training one (the held-out manifestos) get large adapters they never asked for.
     """
-    poles = {p["id"] for p in data.load_dials()}
-    described = {s.description for s in samples if s.prompt_id not in poles}
+    dial_ids = {p["id"] for p in poles}
+    described = {s.description for s in samples if s.prompt_id not in dial_ids}
     return sorted(described | {q["text"] for q in data.load_queries() if q["split"] == "train"})
 
 
-def _init_from(model: nn.Module, folder: Path) -> None:
+def _load_init(model: nn.Module, folder: Path) -> Checkpoint:
     """Fine-tune rather than start over: the checkpoint must describe the same network."""
     if not isinstance(model, HyperNet):
         raise ValueError("--init needs a hypernetwork arch, not a plain LoRA")
@@ -288,7 +292,7 @@ def _init_from(model: nn.Module, folder: Path) -> None:
     if init.config != model.config:
         raise CheckpointError(f"{folder} is a {init.config.arch} checkpoint that differs from the network being "
                               f"trained: {init.config} against {model.config}")
-    model.load_state_dict(init.hypernet.state_dict())
+    return init
 
 
 def _tuple(x):
