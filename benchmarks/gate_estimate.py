@@ -22,9 +22,8 @@ import torch.nn.functional as F
 from benchmarks.control import PAIRS
 from vllm_t2l.generator import Generator
 from vllm_t2l.models import prepare_default_model
-from vllm_t2l.names import spec_from_parts
 from vllm_t2l.train import data, teacher
-from vllm_t2l.train.evaluate import EvalConfig, kl_per_sample
+from vllm_t2l.train.evaluate import EvalConfig, generated_adapters, kl_per_sample
 from vllm_t2l.train.student import Student
 
 TAUS = (0.0, 0.6, 0.62, 0.64, 0.65, 0.7, 0.73, 0.75, 1.01)
@@ -38,22 +37,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     samples = teacher.load(Path(args.work) / "teacher-heldout.pt")
-    student = Student(prepare_default_model(), Generator.load(args.quality).checkpoint.config.target_modules)
+    gens = {path: Generator.load(path) for path in (args.quality, args.dial)}
+    student = Student(prepare_default_model(), gens[args.quality].checkpoint.config.target_modules)
     cfg = EvalConfig(checkpoint=args.quality)
-    descriptions = sorted({s.description for s in samples})
     kl = {"base": torch.tensor(kl_per_sample(student, samples, lambda s: None, cfg, "base"))}
-    for path in (args.quality, args.dial):
-        gen = Generator.load(path)
-        lora = dict(zip(descriptions, gen.generate([spec_from_parts([d]) for d in descriptions])))
+    for path, gen in gens.items():
+        lora = generated_adapters(gen, samples)
         kl[path] = torch.tensor(kl_per_sample(student, samples, lambda s, lora=lora: lora[s.description], cfg,
                                               path))
 
-    pole_wordings = [w for p in data.load_dials() for w in p["descriptions"]]
-    poles = F.normalize(gen.embedder(pole_wordings), dim=-1)
+    embedder = gens[args.dial].embedder
+    poles = F.normalize(embedder([w for p in data.load_dials() for w in p["descriptions"]]), dim=-1)
 
     def nearest(texts: list[str]) -> torch.Tensor:
-        return (F.normalize(gen.embedder(texts), dim=-1) @ poles.T).max(1).values
+        return (F.normalize(embedder(texts), dim=-1) @ poles.T).max(1).values
 
+    descriptions = sorted({s.description for s in samples})
     near = dict(zip(descriptions, nearest(descriptions).tolist()))
     cos = torch.tensor([near[s.description] for s in samples])
     family = {p["id"]: p["family"] for p in data.load_prompts()}

@@ -178,10 +178,15 @@ def _checkpoint_info(path: str, gen: Generator) -> dict:
             "steps": gen.checkpoint.card.get("steps")}
 
 
+def generated_adapters(gen: Generator, samples: list[teacher.Sample]) -> dict[str, LoRAWeights]:
+    """One adapter per distinct description of ``samples``, generated in one batch."""
+    descs = sorted({s.description for s in samples})
+    return dict(zip(descs, gen.generate([spec_from_parts([d]) for d in descs])))
+
+
 def _generated_setup(gen: Generator, samples: list[teacher.Sample], folder: Path, base_name: str):
     """(adapter of a sample, its PEFT folder) for one hypernetwork: one adapter per description."""
-    descs = sorted({s.description for s in samples})
-    generated = dict(zip(descs, gen.generate([spec_from_parts([d]) for d in descs])))
+    generated = generated_adapters(gen, samples)
     folders = {d: str(lora.save_peft(folder / f"{i:03d}", base_name)) for i, (d, lora) in enumerate(generated.items())}
     return lambda s: generated[s.description], lambda s: folders[s.description]
 
