@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import TINY_CONFIG, rand_lora
 
-from vllm_t2l.lora import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE, LoRAWeights, from_batch, mix_batches
+from vllm_t2l.lora import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE, LoRAWeights, from_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -150,18 +150,6 @@ def test_weighted_sum_saves_and_reloads(tmp_path):
     for m in a.A:
         torch.testing.assert_close(back.delta(m, 0), 0.6 * a.delta(m, 0) + 0.4 * b.delta(m, 0),
                                    rtol=1e-5, atol=1e-5)
-
-
-def test_mix_batches_is_each_rows_weighted_sum():
-    g = torch.Generator().manual_seed(0)
-    own, other = ({"q_proj": (torch.randn(3, 2, 4, 16, generator=g), torch.randn(3, 2, 8, 4, generator=g))}
-                  for _ in range(2))
-    t = torch.tensor([1.0, 0.25, -0.5])
-    mixed = mix_batches(own, other, t)
-    for n in range(3):
-        for layer in range(2):
-            dense = [b[n, layer] @ a[n, layer] for a, b in (own["q_proj"], other["q_proj"], mixed["q_proj"])]
-            torch.testing.assert_close(dense[2], t[n] * dense[0] + (1 - t[n]) * dense[1])
 
 
 def test_weighted_sum_errors():

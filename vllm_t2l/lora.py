@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from vllm_t2l import tensorfile
-from vllm_t2l.hypernet import MODULE_PARENT, LoRABatch
+from vllm_t2l.hypernet import MODULE_PARENT
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -127,14 +127,6 @@ def write_config(folder: Path, base_model: str, rank: int, alpha: float, use_rsl
 def _layer_order(key: str) -> tuple[int, str]:
     parts = key.split(".")
     return int(parts[parts.index("layers") + 1]), key
-
-
-def mix_batches(own: LoRABatch, other: LoRABatch, t: Tensor) -> LoRABatch:
-    """Row n's update is exactly t[n] * dW_own[n] + (1 - t[n]) * dW_other[n]: ranks concatenated, as
-    ``weighted_sum`` does for one adapter, so training sees the same update a weight-space mix serves."""
-    t = t[:, None, None, None]
-    return {m: (torch.cat([t * a, (1 - t) * other[m][0]], dim=-2), torch.cat([b, other[m][1]], dim=-1))
-            for m, (a, b) in own.items()}
 
 
 def from_batch(batch: dict[str, tuple[Tensor, Tensor]], index: int, alpha: float,

@@ -90,25 +90,6 @@ def test_pairs_give_each_pole_its_queries_and_every_wording():
         assert {d for d, _ in mine} == set(pole["descriptions"])
 
 
-def test_poles_come_in_opposite_pairs():
-    poles = {p["id"]: p for p in load_dials()}
-    assert all(poles[poles[p]["opposite"]]["opposite"] == p != poles[p]["opposite"] for p in poles)
-
-
-def test_mix_partners_pair_dial_rows_with_the_opposite_pole_and_leave_the_rest():
-    poles = {p["id"]: p for p in load_dials()}
-    rows = [teacher.Sample(pole, poles[pole]["descriptions"][0], "q", [], [], torch.zeros(0), torch.zeros(0))
-            for pole in ("dial-cheerful", "dial-short")]
-    rows.append(teacher.Sample("p-01", "Answer formally.", "q", [], [], torch.zeros(0), torch.zeros(0)))
-    assert dials.mix_partners(rows, list(poles.values()), 0.0, random.Random(0)) == [
-        (r.description, 1.0) for r in rows]
-    draws = [dials.mix_partners(rows, list(poles.values()), 1.0, random.Random(i)) for i in range(400)]
-    for (gloomy, t), (long, _), kept in draws:
-        assert gloomy in poles["dial-gloomy"]["descriptions"] and long in poles["dial-long"]["descriptions"]
-        assert 0 <= t <= 1 and kept == ("Answer formally.", 1.0)
-    assert sum(d[0][1] for d in draws) / len(draws) == pytest.approx(2 / 3, abs=0.04)  # t ~ sqrt(U): mean 2/3
-
-
 def test_rule_made_marks_openers_swaps_and_cuts_but_not_the_answer():
     base = "You can see the stars. They are far away."
     text = "Arr, matey! ye can see the stars. They are far away. Arr!"

@@ -84,16 +84,6 @@ def test_align_trains_on_dial_samples_and_weights_what_a_rule_wrote(align_config
     assert trained["fifty-by-pole"]["heads.q_proj.weight"].equal(fifty)  # both dial poles overridden = global 50
 
 
-def test_mix_rows_train_a_blend_of_the_opposite_pole(align_config):
-    plain = weights(train(align_config("plain")))["heads.q_proj.weight"]
-    mixed = weights(train(align_config("mixed", mix_share=1.0)))["heads.q_proj.weight"]
-    assert mixed.isfinite().all() and not mixed.equal(plain)
-    with pytest.raises(ValueError, match="needs --dials"):
-        train(align_config("no-dials", dials=0, mix_share=0.5))
-    with pytest.raises(ValueError, match=r"share in \[0, 1\]"):
-        train(align_config("too-much", mix_share=1.5))
-
-
 def test_the_anchor_holds_other_texts_adapters_near_the_init(align_config, minilm):
     start = train(align_config("start", lr=0.05))
     runs = {name: load(train(align_config(name, steps=4, lr=0.05, init=str(start), **kw))).hypernet

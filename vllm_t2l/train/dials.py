@@ -125,27 +125,6 @@ def pairs(poles: list[dict], queries: list[dict], per_pole: int, seed: int) -> l
             for p in poles for j, q in enumerate(rng.sample(queries, min(per_pole, len(queries))))]
 
 
-def mix_partners(rows: list[Sample], poles: list[dict], share: float, rng: random.Random) -> list[tuple[str, float]]:
-    """Per training row, (other description, t): the row is trained on t * (its own adapter) + (1 - t) * (the
-    other's), exactly as a weight-space mix is served. A dial row becomes such a mix with its opposite pole
-    with probability ``share``; every other row keeps its own adapter (t = 1).
-
-    Why t ~ sqrt(U): the row's target is its own pole's, so over the draws the mix with weight w on the opposite
-    pole is taught that pole's target with probability w and its own with 1 - w, when w is uniform on [0, 1] and the
-    target is chosen in proportion. A mix is then taught the matching blend of behaviours, which makes a dial's
-    attribute move in step with w instead of peaking between the ends.
-    """
-    by_id = {p["id"]: p for p in poles}
-    out = []
-    for row in rows:
-        if row.prompt_id in by_id and rng.random() < share:
-            other = by_id[by_id[row.prompt_id]["opposite"]]
-            out.append((rng.choice(other["descriptions"]), math.sqrt(rng.random())))
-        else:
-            out.append((row.description, 1.0))
-    return out
-
-
 RULED_LOGP = -1e4  # the other top-k entries of a rule-made token's one-hot row: exp() is 0 in fp16 and fp32
 
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from vllm_t2l.checkpoint import Checkpoint, CheckpointError, load
 from vllm_t2l.embed import Embedder
 from vllm_t2l.hypernet import BaseShapes, HyperConfig, HyperNet, LoRABatch
-from vllm_t2l.lora import METADATA_FILE, LoRAWeights, mix_batches
+from vllm_t2l.lora import METADATA_FILE, LoRAWeights
 from vllm_t2l.train import data, dials, objectives, teacher
 from vllm_t2l.train.student import Student
 
@@ -55,7 +55,6 @@ class TrainConfig:
     ruled_weight: float = 1.0  # align: loss weight of a dial answer's rule-written tokens (dials.token_weights)
     pole_weights: tuple[str, ...] = ()  # align: per-pole overrides of ruled_weight, e.g. dial-short=32
     anchor_weight: float = 0.0  # align with --init: pull adapters of non-dial texts back to --init's (_anchors)
-    mix_share: float = 0.0  # align with --dials: share of dial rows trained as mixes with the opposite pole
     max_new_tokens: int = 32
     top_k: int = 16
     prompt_ids: tuple[str, ...] = ()  # restrict training to these prompts (oracle adapters)
@@ -163,8 +162,6 @@ def train(cfg: TrainConfig) -> Path:
     by_pole = dials.pole_weights(tuple(cfg.pole_weights), poles)  # a typo fails before any work
     if cfg.anchor_weight and (cfg.mode != "align" or not cfg.init):
         raise ValueError("--anchor-weight keeps adapters near the --init checkpoint's: it needs --init and align mode")
-    if not 0 <= cfg.mix_share <= 1 or (cfg.mix_share and (cfg.mode != "align" or not cfg.dials)):
-        raise ValueError("--mix-share is a share in [0, 1] of dial rows: it needs --dials and align mode")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -197,8 +194,7 @@ def train(cfg: TrainConfig) -> Path:
         samples = _examples(cfg, student, base_dir, out)
         texts = sorted({s.description for s in samples})
     anchors = _anchors(samples, poles) if reference is not None else []
-    wordings = [d for p in poles for d in p["descriptions"]] if cfg.mix_share else []
-    table = dict(zip(texts + anchors + wordings, embedder(texts + anchors + wordings)))
+    table = dict(zip(texts + anchors, embedder(texts + anchors)))
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -230,12 +226,7 @@ def train(cfg: TrainConfig) -> Path:
         else:
             chunk = [samples[i] for i in idx]
             emb = torch.stack([table[s.description] for s in chunk])
-            adapters = model(emb)
-            if cfg.mix_share:
-                partners = dials.mix_partners(chunk, poles, cfg.mix_share, random)
-                adapters = mix_batches(adapters, model(torch.stack([table[d] for d, _ in partners])),
-                                       torch.tensor([t for _, t in partners]))
-            student.set_adapters(adapters, hcfg.scaling)
+            student.set_adapters(model(emb), hcfg.scaling)
             batch = student.make_batch([s.student_prompt for s in chunk], [s.response for s in chunk])
             logits = student.logits(batch)
             if cfg.mode == "align":
