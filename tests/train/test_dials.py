@@ -81,12 +81,13 @@ def test_dial_data_names_known_styles_in_new_wordings():
 
 def test_pairs_give_each_pole_its_queries_and_every_wording():
     poles = load_dials()
-    queries = [{"text": f"q{i}"} for i in range(30)]
-    triples = dials.pairs(poles, queries, 24, seed=0)
-    assert triples == dials.pairs(poles, queries, 24, seed=0) != dials.pairs(poles, queries, 24, seed=1)
+    n = max(len(p["descriptions"]) for p in poles)
+    queries = [{"text": f"q{i}"} for i in range(n + 6)]
+    triples = dials.pairs(poles, queries, n, seed=0)
+    assert triples == dials.pairs(poles, queries, n, seed=0) != dials.pairs(poles, queries, n, seed=1)
     for pole in poles:
         mine = [(d, q["text"]) for p, d, q in triples if p is pole]
-        assert len(mine) == 24 and len({q for _, q in mine}) == 24
+        assert len(mine) == n and len({q for _, q in mine}) == n
         assert {d for d, _ in mine} == set(pole["descriptions"])
 
 
