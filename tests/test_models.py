@@ -68,12 +68,12 @@ def test_default_checkpoint_is_packaged():
     assert (models.DEFAULT_CHECKPOINT / "hypernet.safetensors").is_file()
 
 
-@pytest.mark.parametrize("name", ["smollm2-135m-static", "smollm2-135m-minilm", "smollm2-135m-minilm-dials"])
-def test_every_packaged_checkpoint_loads_trained_for_the_embedded_model(name):
+@pytest.mark.parametrize("folder", sorted(models.DEFAULT_CHECKPOINT.parent.iterdir()), ids=lambda p: p.name)
+def test_every_packaged_checkpoint_loads_trained_for_the_embedded_model(folder):
     from vllm_t2l.checkpoint import load
     from vllm_t2l.hypernet import BaseShapes
 
-    ckpt = load(models.DEFAULT_CHECKPOINT.parent / name)
+    ckpt = load(folder)
     assert ckpt.trained
     ckpt.check_base(BaseShapes.from_config(models.prepare_default_model(), ckpt.config.target_modules))
 
