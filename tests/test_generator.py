@@ -112,6 +112,18 @@ def test_t2l_weight_mix_concatenates_ranks_and_is_exact(lgen):
     assert lgen.generate_one(three).rank == 3 * R == lgen.rank_of(three)
 
 
+@pytest.mark.parametrize("which", ["zgen", "lgen"])
+@pytest.mark.parametrize("name", ["t2l[strength=2.5]:Be kind.", "t2l-mix[strength=2.5]:0.6*Be kind.||0.4*Be brief."])
+def test_strength_scales_the_update_exactly(which, name, request):
+    gen: Generator = request.getfixturevalue(which)
+    plain = gen.generate_one(parse(name.replace("[strength=2.5]", "")))
+    strong = gen.generate_one(parse(name))
+    assert strong.rank == plain.rank == gen.rank_of(parse(name))
+    for m in plain.A:
+        for i in range(plain.n_layers):
+            torch.testing.assert_close(strong.delta(m, i), 2.5 * plain.delta(m, i), rtol=1e-4, atol=1e-6)
+
+
 def test_t2l_single_weighted_term(lgen):
     a = lgen.generate_one(parse("t2l:Be kind."))
     half = lgen.generate_one(parse("t2l-mix:0.5*Be kind."))

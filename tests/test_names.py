@@ -127,7 +127,14 @@ def test_content_id_literal_value():
     ("t2l:bell\x07", "U+0007"),
     ("", "start with"),
     ("gpt-4", "start with"),
-    ("t2l-mix[avg]:1*a", "start with"),
+    ("t2l-mix[avg]:1*a", "unknown option 'avg'"),
+    ("t2l[emb]:a", "use 'strength=<number>'"),
+    ("t2l[strength=0]:a", "outside (0, 4.0]"),
+    ("t2l[strength=-1]:a", "outside (0, 4.0]"),
+    ("t2l[strength=9]:a", "outside (0, 4.0]"),
+    ("t2l[strength=nan]:a", "outside"),
+    ("t2l[strength=two]:a", "'two' is not a number"),
+    ("t2l[strength=2:a", "start with"),
     ("t2l-mix 1*a", "start with"),
     ("t2l-mix:a||0.5*b", "term 1 needs the form"),
     ("t2l-mix:0.5*a||b", "term 2 needs the form"),
@@ -252,3 +259,37 @@ def test_load_catalog_errors(tmp_path, content, msg):
     with pytest.raises(ValueError) as e:
         load_catalog(p)
     assert msg in str(e.value)
+
+
+# ---- strength ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,mode,strength", [
+    ("t2l[strength=2]:Be kind.", "weight", 2.0),
+    ("t2l[ strength = 0.5 ]:Be kind.", "weight", 0.5),
+    ("t2l-mix[strength=3]:1*Be kind.", "weight", 3.0),
+    ("t2l-mix[emb,strength=1.5]:1*Be kind.", "emb", 1.5),
+    ("t2l-mix[strength=1.5,emb]:1*Be kind.", "emb", 1.5),
+    ("t2l:Be kind.", "weight", 1.0),
+])
+def test_strength_option(name, mode, strength):
+    spec = parse(name)
+    assert (spec.descriptions, spec.mode, spec.strength) == (["Be kind."], mode, strength)
+
+
+def test_strength_enters_the_content_id_but_one_keeps_the_old_id():
+    plain = parse("t2l:Be kind.")
+    assert parse("t2l[strength=1]:Be kind.").content_id(CK) == plain.content_id(CK)
+    ids = {parse(f"t2l[strength={s}]:Be kind.").content_id(CK) for s in (0.5, 2, 3)}
+    assert len(ids) == 3 and plain.content_id(CK) not in ids
+
+
+def test_description_after_plain_prefix_may_hold_brackets():
+    assert parse("t2l:[strength=2]: is text").descriptions == ["[strength=2]: is text"]
+    assert is_t2l_name("t2l[strength=2]:a")
+
+
+def test_strength_limit_configurable_and_in_spec_from_parts():
+    assert parse("t2l[strength=6]:a", limits=NameLimits(max_strength=8)).strength == 6
+    assert spec_from_parts(["a"], strength=2) == parse("t2l[strength=2]:a")
+    with pytest.raises(AdapterNameError, match="outside"):
+        spec_from_parts(["a"], strength=0)

@@ -83,14 +83,14 @@ def cmd_generate(ns: argparse.Namespace) -> None:
     weights = [float(w) for w in ns.weights.split(",")] if ns.weights else None
     catalog = load_catalog(ns.catalog) if ns.catalog else None
     try:
-        spec = spec_from_parts(ns.description, weights, ns.mode, catalog)
+        spec = spec_from_parts(ns.description, weights, ns.mode, catalog, strength=ns.strength)
     except AdapterNameError as e:
         sys.exit(f"error: {e}")
     gen = Generator.load(ns.checkpoint or DEFAULT_CHECKPOINT, ns.embedder)
     lora = gen.generate_one(spec)
     base = ns.base_model or gen.checkpoint.base.name
     lora.save_peft(ns.out, base, {"checkpoint": gen.id, "descriptions": spec.descriptions,
-                                  "weights": spec.weights, "mode": spec.mode})
+                                  "weights": spec.weights, "mode": spec.mode, "strength": spec.strength})
     print(f"wrote {ns.out} (rank {lora.rank}, {len(lora.A)} modules x {lora.n_layers} layers)")
 
 
@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--weights", help="comma-separated weights, one per --description")
     p.add_argument("--mode", choices=("weight", "emb"), default="weight",
                    help="weight: exact sum of updates (default); emb: mix the description embeddings")
+    p.add_argument("--strength", type=float, default=1.0,
+                   help="scale of the update: 1 mirrors the system prompt, larger follows it more strongly")
     p.add_argument("--out", required=True)
     p.add_argument("--checkpoint")
     p.add_argument("--embedder", help="local sentence-transformers folder (default: from the checkpoint)")

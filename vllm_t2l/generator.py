@@ -62,7 +62,7 @@ class Generator:
         out = []
         for spec, idx in zip(specs, slices):
             parts = [from_batch(batch, i, c.alpha, c.use_rslora) for i in idx]
-            weights = _row_weights(spec)
+            weights = [spec.strength * w for w in _row_weights(spec)]
             if len(parts) == 1 and weights == [1.0]:
                 out.append(parts[0])
             else:
@@ -73,10 +73,11 @@ class Generator:
     @torch.no_grad()
     def codes(self, specs: Sequence[AdapterSpec], timings: dict[str, float] | None = None) -> list[dict[str, Tensor]]:
         """Zhyper only: each spec's codes per module, [1, L, r] (or [1, L, r, r]), its mix applied.
-        Mixing codes is exact: A is linear in them and B does not depend on them."""
+        Mixing codes is exact: A is linear in them and B does not depend on them; so is the strength."""
         x, slices, start = self._inputs(specs, timings)
         codes = self._codes(x)
-        out = [{m: sum(w * z[i:i + 1] for w, i in zip(_row_weights(spec), idx)) for m, z in codes.items()}
+        out = [{m: spec.strength * sum(w * z[i:i + 1] for w, i in zip(_row_weights(spec), idx))
+                for m, z in codes.items()}
                for spec, idx in zip(specs, slices)]
         self._lap(timings, "hypernet", start)
         return out

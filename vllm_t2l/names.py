@@ -6,6 +6,10 @@ Grammar (documented in README.md):
     t2l:@<catalog-name>                    a description from the server's catalog file
     t2l-mix:<w>*<term>||<w>*<term>...      a weighted mix; each term is a description or @name
     t2l-mix[emb]:...                       the same mix, in description (embedding) space
+    t2l[strength=S]:<description>          the adapter's update scaled by S (also t2l-mix[emb,strength=S]:)
+
+Strength 1 is the alignment prompt: the adapter does what the description does as a system prompt.
+Larger values follow the description more strongly (the update is exactly S times larger).
 
 The content id of a spec hashes the normalised descriptions, the weights, the mode and the
 checkpoint id, so every replica maps the same request to the same adapter without talking.
@@ -26,7 +30,7 @@ from typing import Literal
 PREFIX = "t2l:"
 MIX_PREFIX = "t2l-mix"
 CATALOG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-MIX_HEAD = re.compile(r"^t2l-mix(?:\[(weight|emb)\])?:")
+HEAD = re.compile(r"^(t2l|t2l-mix)(?:\[([^\]]*)\])?:")
 Mode = Literal["weight", "emb"]
 
 
@@ -39,6 +43,7 @@ class NameLimits:
     max_chars: int = 2000  # per description, after normalisation
     max_terms: int = 8
     max_abs_weight: float = 2.0
+    max_strength: float = 4.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,7 @@ class AdapterSpec:
 
     terms: tuple[tuple[str, float], ...]
     mode: Mode = "weight"
+    strength: float = 1.0  # the served update is strength * sum_i w_i dW_i
 
     @property
     def descriptions(self) -> list[str]:
@@ -57,12 +63,15 @@ class AdapterSpec:
         return [w for _, w in self.terms]
 
     def content_id(self, checkpoint_id: str) -> str:
-        payload = json.dumps([checkpoint_id, self.mode, [[d, repr(float(w))] for d, w in self.terms]])
+        parts = [checkpoint_id, self.mode, [[d, repr(float(w))] for d, w in self.terms]]
+        if self.strength != 1.0:  # strength 1 keeps the ids adapters had before strength existed
+            parts.append(repr(float(self.strength)))
+        payload = json.dumps(parts)
         return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
 def is_t2l_name(name: str) -> bool:
-    return name.startswith(PREFIX) or name.startswith(MIX_PREFIX)
+    return name.startswith(PREFIX) or name.startswith("t2l[") or name.startswith(MIX_PREFIX)
 
 
 def normalise(text: str, limits: NameLimits = NameLimits()) -> str:
@@ -94,21 +103,52 @@ def _description(term: str, catalog: Mapping[str, str], limits: NameLimits) -> s
 def parse(name: str, catalog: Mapping[str, str] | None = None,
           limits: NameLimits = NameLimits()) -> AdapterSpec:
     catalog = catalog or {}
-    if name.startswith(PREFIX):
-        return AdapterSpec(((_description(name[len(PREFIX):], catalog, limits), 1.0),))
-    head = MIX_HEAD.match(name)
+    head = HEAD.match(name)
     if not head:
-        raise AdapterNameError("adapter names start with 't2l:' or 't2l-mix:' (or 't2l-mix[emb]:')")
-    mode: Mode = head.group(1) or "weight"  # type: ignore[assignment]
-    raw_terms = [raw.partition("*") for raw in name[head.end():].split("||")]
+        raise AdapterNameError("adapter names start with 't2l:' or 't2l-mix:' "
+                               "(options in brackets: 't2l[strength=2]:', 't2l-mix[emb]:')")
+    mix = head.group(1) == MIX_PREFIX
+    mode, strength = _options(head.group(2), mix, limits)
+    body = name[head.end():]
+    if not mix:
+        return AdapterSpec(((_description(body, catalog, limits), 1.0),), strength=strength)
+    raw_terms = [raw.partition("*") for raw in body.split("||")]
     for i, (_, star, _) in enumerate(raw_terms, 1):
         if not star:
             raise AdapterNameError(f"mix term {i} needs the form '<weight>*<description>'")
-    return _spec([(w, text) for w, _, text in raw_terms], mode, catalog, limits)
+    return _spec([(w, text) for w, _, text in raw_terms], mode, catalog, limits, strength)
+
+
+def _options(text: str | None, mix: bool, limits: NameLimits) -> tuple[Mode, float]:
+    """The bracketed options of a name: a mix's mode (weight or emb) and strength=S."""
+    mode: Mode = "weight"
+    strength = 1.0
+    for option in (text or "").split(",") if text is not None else []:
+        option = option.strip()
+        key, eq, value = option.partition("=")
+        if mix and not eq and option in ("weight", "emb"):
+            mode = option  # type: ignore[assignment]
+        elif eq and key.strip() == "strength":
+            strength = check_strength(value.strip(), limits)
+        else:
+            allowed = "'weight', 'emb' or 'strength=<number>'" if mix else "'strength=<number>'"
+            raise AdapterNameError(f"unknown option {option[:40]!r} in brackets: use {allowed}")
+    return mode, strength
+
+
+def check_strength(value: str | float, limits: NameLimits = NameLimits()) -> float:
+    """A strength as a float in (0, max_strength]; 0 would be the base model, which needs no adapter."""
+    try:
+        strength = float(value)
+    except ValueError:
+        raise AdapterNameError(f"strength {str(value)[:40]!r} is not a number") from None
+    if not (math.isfinite(strength) and 0 < strength <= limits.max_strength):
+        raise AdapterNameError(f"strength {value} is outside (0, {limits.max_strength}]")
+    return strength
 
 
 def _spec(raw_terms: list[tuple[str, str]], mode: Mode, catalog: Mapping[str, str],
-          limits: NameLimits) -> AdapterSpec:
+          limits: NameLimits, strength: float = 1.0) -> AdapterSpec:
     if len(raw_terms) > limits.max_terms:
         raise AdapterNameError(f"mix has {len(raw_terms)} terms; the limit is {limits.max_terms}")
     terms = []
@@ -125,12 +165,12 @@ def _spec(raw_terms: list[tuple[str, str]], mode: Mode, catalog: Mapping[str, st
             bound = limits.max_abs_weight
             raise AdapterNameError(f"mix term {i}: weight {weight} is outside [-{bound}, {bound}]")
         terms.append((_description(text, catalog, limits), weight))
-    return AdapterSpec(tuple(terms), mode)
+    return AdapterSpec(tuple(terms), mode, strength)
 
 
 def spec_from_parts(descriptions: list[str], weights: list[float] | None = None,
                     mode: Mode = "weight", catalog: Mapping[str, str] | None = None,
-                    limits: NameLimits = NameLimits()) -> AdapterSpec:
+                    limits: NameLimits = NameLimits(), strength: float = 1.0) -> AdapterSpec:
     """The spec a name would give, from already separated parts (the CLI and Python API use this)."""
     if weights is None:
         weights = [1.0] * len(descriptions)
@@ -138,7 +178,8 @@ def spec_from_parts(descriptions: list[str], weights: list[float] | None = None,
         raise AdapterNameError(f"got {len(weights)} weights for {len(descriptions)} descriptions")
     if mode not in ("weight", "emb"):
         raise AdapterNameError(f"mode must be 'weight' or 'emb', got {mode!r}")
-    return _spec([(str(w), d) for d, w in zip(descriptions, weights)], mode, catalog or {}, limits)
+    return _spec([(str(w), d) for d, w in zip(descriptions, weights)], mode, catalog or {}, limits,
+                 check_strength(strength, limits))
 
 
 def load_catalog(path: str | Path) -> dict[str, str]:

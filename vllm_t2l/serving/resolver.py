@@ -36,6 +36,7 @@ class Settings:
     max_chars: int = 2000
     max_terms: int = 8
     max_abs_weight: float = 2.0
+    max_strength: float = 4.0
     max_batch: int = 64  # descriptions per hypernetwork forward pass
     device: str = ""  # empty: cuda when available, else cpu
     # On CPU, vLLM binds its worker to every core but one, which it leaves to the API server (where this
@@ -63,7 +64,7 @@ class Settings:
 
     @property
     def limits(self) -> NameLimits:
-        return NameLimits(self.max_chars, self.max_terms, self.max_abs_weight)
+        return NameLimits(self.max_chars, self.max_terms, self.max_abs_weight, self.max_strength)
 
 
 class AdapterRequestError(Exception):
@@ -198,7 +199,7 @@ class T2LResolver(LoRAResolver):
         start = time.perf_counter()
         for spec, (_, folder), adapter in zip(specs, jobs, made):
             meta = {"checkpoint": self.generator.id, "descriptions": spec.descriptions, "weights": spec.weights,
-                    "mode": spec.mode}
+                    "mode": spec.mode, "strength": spec.strength}
             if self.basis:
                 codes.save(folder, adapter, self.basis, self.base_model, c.alpha, c.use_rslora, meta)
             else:
