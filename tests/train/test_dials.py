@@ -70,7 +70,10 @@ def test_word_swaps_keep_case_and_whole_words():
 
 def test_dial_data_names_known_styles_in_new_wordings():
     poles = load_dials()
-    assert sorted(p["style"] for p in poles) == sorted(dials.STYLES)
+    assert sorted(p["style"] for p in poles) == sorted([*dials.STYLES, *dials.PARAM_STYLES])
+    for p in poles:
+        assert (p["style"] in dials.PARAM_STYLES) == ("params" in p)
+        assert len(p.get("params", p["descriptions"])) == len(p["descriptions"])
     trained = {d for p in load_prompts() for d in p["descriptions"]}
     for p in poles:
         assert len(set(p["descriptions"])) >= 8 and not trained & set(p["descriptions"])
@@ -89,6 +92,33 @@ def test_pairs_give_each_pole_its_queries_and_every_wording():
         mine = [(d, q["text"]) for p, d, q in triples if p is pole]
         assert len(mine) == n and len({q for _, q in mine}) == n
         assert {d for d, _ in mine} == set(pole["descriptions"])
+
+
+BASE = "To boil an egg, place it in a pot of water. Bring it to a boil and wait nine minutes. Then cool it in"
+
+
+@pytest.mark.parametrize("style,param,expect,stop", [
+    ("caps", None, BASE.upper(), False),
+    ("bullets", None, "- To boil an egg, place it in a pot of water.\n- Bring it to a boil and wait nine minutes."
+                      "\n- Then cool it in", False),
+    ("lines", 2, "To boil an egg, place it in a pot of water.\nBring it to a boil and wait nine minutes.", True),
+    ("words", 5, "To boil an egg, place.", True),
+    ("signoff", "Cheers", "To boil an egg, place it in a pot of water. Bring it to a boil and wait nine minutes."
+                          "\nCheers", True),
+])
+def test_format_rules(style, param, expect, stop):
+    assert dials.target(style, BASE, False, random.Random(0), param) == (expect, stop)
+
+
+def test_line_rule_deals_words_when_sentences_are_too_few():
+    text, stop = dials.target("lines", "One two three four five six.", True, random.Random(0), 3)
+    assert text.split("\n") == ["One two", "three four", "five six."] and stop
+
+
+def test_a_wordings_param_follows_the_wording():
+    pole = next(p for p in load_dials() if p["style"] == "signoff")
+    assert all(dials.param(pole, d) in d for d in pole["descriptions"])
+    assert dials.param({"descriptions": ["x"]}, "x") is None
 
 
 def test_rule_made_marks_openers_swaps_and_cuts_but_not_the_answer():

@@ -104,3 +104,18 @@ def test_a_bad_pole_weight_fails_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="'dial-shortt=3'"):
         train(TrainConfig(out=str(tmp_path / "run"), dials=1, pole_weights=("dial-shortt=3",)))
     assert not (tmp_path / "run").exists()
+
+
+def test_guided_rows_train_at_their_strength_against_the_guided_teacher(align_config):
+    plain = weights(train(align_config("plain")))["heads.q_proj.weight"]
+    at_one = weights(train(align_config("at-one", guided_share=1.0, guidance=1.0)))["heads.q_proj.weight"]
+    guided = weights(train(align_config("guided", guided_share=1.0, guidance=2.0)))["heads.q_proj.weight"]
+    torch.testing.assert_close(at_one, plain)  # g = 1 is the plain teacher at strength 1
+    assert guided.isfinite().all() and not torch.allclose(guided, plain)
+
+
+def test_guidance_needs_align_and_a_share_in_range(tmp_path):
+    with pytest.raises(ValueError, match="--guided-share"):
+        train(TrainConfig(out=str(tmp_path / "run"), guided_share=1.5))
+    with pytest.raises(ValueError, match="--guided-share"):
+        train(TrainConfig(out=str(tmp_path / "run"), mode="sft", guided_share=0.5))

@@ -1,4 +1,4 @@
-"""Losses: the anchor's drift must be the dense quantity it claims, without forming dense updates."""
+"""Losses: the anchor's drift and the guided teacher must be the dense quantities they claim."""
 
 from __future__ import annotations
 
@@ -41,3 +41,19 @@ def test_adapter_drift_refuses_a_reference_with_nothing_in_it():
     untrained = {m: (a, torch.zeros_like(b)) for m, (a, b) in _batch(g).items()}  # a fresh network's B is zero
     with pytest.raises(ValueError, match="all-zero adapter"):
         objectives.adapter_drift(pred, untrained)
+
+
+def test_guided_logp_is_the_teacher_at_one_and_amplifies_beyond():
+    guided_logp = objectives.guided_logp
+    torch.manual_seed(0)
+    full_t = torch.log_softmax(torch.randn(5, 50), -1)
+    full_b = torch.log_softmax(torch.randn(5, 50), -1)
+    ids = full_t.topk(50, -1).indices  # every outcome: no tail, so the result is exact CFG over the vocabulary
+    t, b = full_t.gather(-1, ids), full_b.gather(-1, ids)
+    torch.testing.assert_close(guided_logp(t, b, 1.0), t, atol=1e-5, rtol=0)
+    expect = torch.log_softmax(full_b + 2.0 * (full_t - full_b), -1).gather(-1, ids)
+    torch.testing.assert_close(guided_logp(t, b, 2.0), expect, atol=1e-5, rtol=0)
+    k = 8  # with a tail bucket: still a distribution over k + 1 outcomes
+    g = guided_logp(t[:, :k], b[:, :k], 2.0)
+    assert torch.all(g.exp().sum(-1) <= 1 + 1e-6)
+    torch.testing.assert_close(guided_logp(t[:, :k], b[:, :k], 1.0), t[:, :k], atol=1e-5, rtol=0)

@@ -1,5 +1,6 @@
 """Rule-made targets for behaviours the 135M teacher barely shows: short vs long, cheerful vs gloomy, pirate vs
-plain, casual vs formal.
+plain, casual vs formal (the four dials), and formats it cannot show even with its prompt amplified: all capitals,
+bullets, a line count, a word limit, a sign-off word.
 
 Context distillation can only teach what the teacher does, and the embedded teacher with "Answer in as few words as
 you can." as its system prompt still writes ~45 words (benchmarks/results/control/control.md). So for each pole in
@@ -94,6 +95,46 @@ def _unchanged(text: str, rng: random.Random) -> tuple[str, None]:
     return text, None
 
 
+def _sentences(text: str) -> list[str]:
+    return [s for s in _SENTENCE.split(text.strip()) if s]
+
+
+def _complete(text: str) -> str:
+    """The answer without a trailing unfinished sentence (answers are cut at a token budget)."""
+    parts = _sentences(text)
+    done = [s for s in parts if s.endswith((".", "!", "?"))]
+    return " ".join(done) if done else text.strip().rstrip(",;:") + "."
+
+
+def caps(text: str, rng: random.Random) -> tuple[str, None]:
+    return text.upper(), None
+
+
+def bullets(text: str, rng: random.Random) -> tuple[str, None]:
+    """One sentence per line, each after a dash."""
+    return "\n".join("- " + s for s in _sentences(text)), None
+
+
+def lines(text: str, rng: random.Random, n: int) -> tuple[str, bool]:
+    """Exactly ``n`` lines: the first ``n`` sentences, or the words dealt evenly when there are fewer."""
+    parts = _sentences(_complete(text))
+    if len(parts) < n:
+        words = " ".join(parts).split()
+        size = max(1, math.ceil(len(words) / n))
+        parts = [" ".join(words[i * size:(i + 1) * size]) for i in range(n)]
+    return "\n".join(p for p in parts[:n] if p), True
+
+
+def word_limit(text: str, rng: random.Random, n: int) -> tuple[str, bool]:
+    """At most ``n`` words, ending on a full stop."""
+    return " ".join(text.split()[:n]).rstrip(",;:.!?") + ".", True
+
+
+def signoff(text: str, rng: random.Random, word: str) -> tuple[str, bool]:
+    """The answer's complete sentences, then the sign-off word on its own line."""
+    return f"{_complete(text)}\n{word}", True
+
+
 # style -> rewrite(base answer, rng) -> (target text, stop): True ends the target with EOS, False never does,
 # None keeps the base answer's own ending (and adds the style's closer when it ended).
 STYLES: dict[str, Callable[[str, random.Random], tuple[str, bool | None]]] = {
@@ -105,11 +146,18 @@ STYLES: dict[str, Callable[[str, random.Random], tuple[str, bool | None]]] = {
     "pirate": _styled("pirate", PIRATE_SWAPS),
     "casual": _styled("casual", CONTRACTIONS),
     "formal": _styled("formal", {v: k for k, v in CONTRACTIONS.items()}),
+    "caps": caps,
+    "bullets": bullets,
 }
+# Styles with a parameter per wording (a pole's "params", one per description): the count, the limit, the word.
+PARAM_STYLES: dict[str, Callable[..., tuple[str, bool]]] = {"lines": lines, "words": word_limit, "signoff": signoff}
 
 
-def target(style: str, answer: str, ended: bool, rng: random.Random) -> tuple[str, bool]:
-    """(text, stop) for ``style`` from the base model's ``answer``; ``ended``: the base answer stopped by itself."""
+def target(style: str, answer: str, ended: bool, rng: random.Random, param=None) -> tuple[str, bool]:
+    """(text, stop) for ``style`` from the base model's ``answer``; ``ended``: the base answer stopped by itself;
+    ``param``: the wording's parameter for a style in ``PARAM_STYLES``."""
+    if style in PARAM_STYLES:
+        return PARAM_STYLES[style](answer, rng, param)
     text, stop = STYLES[style](answer, rng)
     if stop is None:
         stop = ended
@@ -123,6 +171,12 @@ def pairs(poles: list[dict], queries: list[dict], per_pole: int, seed: int) -> l
     rng = random.Random(seed)
     return [(p, p["descriptions"][j % len(p["descriptions"])], q)
             for p in poles for j, q in enumerate(rng.sample(queries, min(per_pole, len(queries))))]
+
+
+def param(pole: dict, description: str):
+    """The parameter of one of a pole's wordings (None for a pole without ``params``)."""
+    params = pole.get("params")
+    return params[pole["descriptions"].index(description)] if params else None
 
 
 RULED_LOGP = -1e4  # the other top-k entries of a rule-made token's one-hot row: exp() is 0 in fp16 and fp32
@@ -179,7 +233,7 @@ def samples(student: Student, triples: list[tuple[dict, str, dict]], answers: di
     for pole, desc, q in triples:
         ids = answers[q["text"]]
         base = tok.decode(ids, skip_special_tokens=True).strip()
-        text, stop = target(pole["style"], base, bool(ids) and ids[-1] == eos, rng)
+        text, stop = target(pole["style"], base, bool(ids) and ids[-1] == eos, rng, param(pole, desc))
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         chars = rule_made(base, text)
         ruled.append(torch.tensor([any(chars[a:b]) for a, b in enc["offset_mapping"]] + ([True] if stop else [])))

@@ -55,6 +55,8 @@ class TrainConfig:
     ruled_weight: float = 1.0  # align: loss weight of a dial answer's rule-written tokens (dials.token_weights)
     pole_weights: tuple[str, ...] = ()  # align: per-pole overrides of ruled_weight, e.g. dial-short=32
     anchor_weight: float = 0.0  # align with --init: pull adapters of non-dial texts back to --init's (_anchors)
+    guidance: float = 2.0  # align: g of the guided teacher, l_base + g (l_prompt - l_base) (objectives.guided_logp)
+    guided_share: float = 0.0  # align: share of rows taught at strength `guidance` against the guided teacher
     max_new_tokens: int = 32
     top_k: int = 16
     prompt_ids: tuple[str, ...] = ()  # restrict training to these prompts (oracle adapters)
@@ -160,6 +162,8 @@ def train(cfg: TrainConfig) -> Path:
         torch.set_num_threads(cfg.threads)
     poles = data.load_dials()
     by_pole = dials.pole_weights(tuple(cfg.pole_weights), poles)  # a typo fails before any work
+    if cfg.guided_share and (cfg.mode != "align" or not 0 < cfg.guided_share <= 1 or cfg.guidance <= 0):
+        raise ValueError("--guided-share (in (0, 1]) and a positive --guidance need align mode")
     if cfg.anchor_weight and (cfg.mode != "align" or not cfg.init):
         raise ValueError("--anchor-weight keeps adapters near the --init checkpoint's: it needs --init and align mode")
     out = Path(cfg.out)
@@ -226,12 +230,15 @@ def train(cfg: TrainConfig) -> Path:
         else:
             chunk = [samples[i] for i in idx]
             emb = torch.stack([table[s.description] for s in chunk])
-            student.set_adapters(model(emb), hcfg.scaling)
             batch = student.make_batch([s.student_prompt for s in chunk], [s.response for s in chunk])
+            strength = _strengths(cfg, len(chunk))
+            top_ids, top_logp = torch.cat([s.top_ids for s in chunk]), torch.cat([s.top_logp for s in chunk])
+            if cfg.mode == "align" and bool((strength != 1).any()):
+                top_logp = _guided_targets(student, batch, top_ids, top_logp, strength, cfg.guidance)
+            student.set_adapters(model(emb), hcfg.scaling * strength)
             logits = student.logits(batch)
             if cfg.mode == "align":
-                top_logp = torch.cat([s.top_logp for s in chunk])
-                per_token = objectives.distill_kl(logits, torch.cat([s.top_ids for s in chunk]), top_logp)
+                per_token = objectives.distill_kl(logits, top_ids, top_logp)
                 ruled = torch.cat([torch.full((len(s.response),), by_pole.get(s.prompt_id, cfg.ruled_weight))
                                    for s in chunk])
                 weight = dials.token_weights(top_logp, ruled)
@@ -269,6 +276,30 @@ def train(cfg: TrainConfig) -> Path:
             "examples": n_items, "descriptions": len(texts)}
     ckpt = Checkpoint(model, emb_cfg, trained=True, card=card)
     return ckpt.save(out / "checkpoint")
+
+
+def _strengths(cfg: TrainConfig, n: int) -> Tensor:
+    """Per row, the strength its adapter is trained at: ``guidance`` for a ``guided_share`` of rows, else 1.
+
+    A row at strength g has its update scaled by g and is taught the guided teacher of the same g, so that the served
+    strength S (a scale of the update, ``names``) means "follow the description as guidance S would", while strength
+    1 stays the plain alignment prompt.
+    """
+    if not cfg.guided_share:  # draws nothing, so runs without guidance keep their random streams
+        return torch.ones(n)
+    return torch.where(torch.rand(n) < cfg.guided_share, cfg.guidance, 1.0)
+
+
+@torch.no_grad()
+def _guided_targets(student: Student, batch, top_ids: Tensor, top_logp: Tensor, strength: Tensor,
+                    guidance: float) -> Tensor:
+    """``top_logp`` with the rows of guided samples replaced by the guided teacher's; the no-prompt model is the
+    student without adapters. Rule-made (one-hot) rows are already all the way to their target and stay."""
+    student.set_adapters(None)
+    base = torch.log_softmax(student.logits(batch), -1).gather(-1, top_ids.long())
+    rows = (strength[batch.rows] != 1) & (top_logp[:, 1] != dials.RULED_LOGP)
+    guided = objectives.guided_logp(top_logp, base, guidance).to(top_logp.dtype)
+    return torch.where(rows[:, None], guided, top_logp)
 
 
 def _anchors(samples: list[teacher.Sample], poles: list[dict]) -> list[str]:
