@@ -1,33 +1,43 @@
-"""Talk to a `vllm-t2l serve` server: the same question under several descriptions, and a mix.
+"""Talk to a `vllm-t2l serve` server: for each description, the base model, the description as a system
+prompt, its adapter, and its adapter at a higher strength, answering the same question.
 
-    python examples/client.py [--base-url http://127.0.0.1:8000/v1]
+    python examples/client.py [--base-url http://127.0.0.1:8000/v1] [--strength 2.5] [--question "..."]
 """
 
 import argparse
 
 from openai import OpenAI
 
-QUESTION = "How do I boil an egg?"
-MODELS = [
-    None,  # the base model, no adapter
-    "t2l:Talk like a pirate in every answer.",
-    "t2l:Answer only in capital letters.",
-    "t2l:Answer in one very short sentence.",
-    "t2l-mix:0.5*Talk like a pirate in every answer.||0.5*Answer in one very short sentence.",
+DESCRIPTIONS = [
+    "Talk like a pirate in every answer.",
+    "Answer only in capital letters.",
+    "Answer in one very short sentence.",
+    "Always finish your answer with the word Bazinga.",
 ]
+
+
+def ask(client: OpenAI, model: str, question: str, system: str | None = None) -> str:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    reply = client.chat.completions.create(model=model, messages=messages, max_tokens=64, temperature=0,
+                                           frequency_penalty=0.5)  # greedy 135M answers loop without a penalty
+    return " ".join(reply.choices[0].message.content.split())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
+    parser.add_argument("--strength", type=float, default=2.5, help="the higher strength to show")
+    parser.add_argument("--question", default="How do I boil an egg?")
     args = parser.parse_args()
     client = OpenAI(base_url=args.base_url, api_key="none")
     base = client.models.list().data[0].id
-    for model in MODELS:
-        reply = client.chat.completions.create(
-            model=model or base, messages=[{"role": "user", "content": QUESTION}],
-            max_tokens=64, temperature=0, frequency_penalty=0.5)  # greedy 135M answers loop without a penalty
-        print(f"--- {model or 'base model'}\n{reply.choices[0].message.content}\n")
+    print(f"question: {args.question}\n\nbase model:\n  {ask(client, base, args.question)}\n")
+    for description in DESCRIPTIONS:
+        print(f"=== {description}")
+        print(f"system prompt:\n  {ask(client, base, args.question, system=description)}")
+        print(f"t2l:  (strength 1)\n  {ask(client, 't2l:' + description, args.question)}")
+        strong = f"t2l[strength={args.strength:g}]:{description}"
+        print(f"t2l[strength={args.strength:g}]:\n  {ask(client, strong, args.question)}\n")
 
 
 if __name__ == "__main__":

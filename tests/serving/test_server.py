@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import openai
 import pytest
@@ -150,8 +151,9 @@ def test_metrics_exported(server, client):
     assert server.metric("vllm_t2l:adapters_resident") >= 1
 
 
-def test_exported_adapter_matches_peft(server, client, tmp_path):
-    """`vllm-t2l generate` writes the same adapter the server serves; peft reproduces its logprobs."""
+@pytest.mark.parametrize("strength", [1.0, 2.5])
+def test_exported_adapter_matches_peft(server, client, tmp_path, strength):
+    """`vllm-t2l generate` writes the same adapter the server serves, at any strength; peft reproduces its logprobs."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -161,11 +163,12 @@ def test_exported_adapter_matches_peft(server, client, tmp_path):
     desc = "Answer like a patient math tutor who explains every step."
     out = tmp_path / "adapter"
     subprocess.run([sys.executable, "-m", "vllm_t2l.cli", "generate", "--description", desc,
-                    "--out", str(out)], check=True, capture_output=True)
+                    "--strength", str(strength), "--out", str(out)], check=True, capture_output=True)
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["peft_type"] == "LORA"
 
-    resp = chat(client, "t2l:" + desc, max_tokens=10, logprobs=True)
+    resp = chat(client, f"t2l[strength={strength}]:" + desc if strength != 1 else "t2l:" + desc, max_tokens=10,
+                logprobs=True)
     served = resp.choices[0].logprobs.content
     model_dir = default_model_path()
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -187,3 +190,11 @@ def test_mix_with_weights_one_zero_equals_first_description(client):
     mixed = token_logprobs(chat(client, f"t2l-mix:1*{first}||0*{second}", max_tokens=12, logprobs=True))
     assert mixed == pytest.approx(alone, abs=1e-4)
 
+
+
+def test_example_client_shows_each_description_four_ways(server):
+    script = Path(__file__).parents[2] / "examples" / "client.py"
+    out = subprocess.run([sys.executable, str(script), "--base-url", server.base_url + "/v1"], check=True,
+                         capture_output=True, text=True, timeout=600).stdout
+    assert out.count("system prompt:") == out.count("t2l:  (strength 1)") == out.count("=== ") == 4
+    assert "base model:" in out and "t2l[strength=2.5]:" in out
