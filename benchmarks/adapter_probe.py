@@ -2,6 +2,7 @@
 vLLM server, so it runs in a minute beside a training run.
 
     .venv/bin/python -m benchmarks.adapter_probe runs/zdial3/checkpoint "Be terse." "Be verbose."
+    .venv/bin/python -m benchmarks.adapter_probe CKPT "Talk like a pirate." --strengths 1,2,3 --system-prompt
 
 Answers the first ``--queries`` held-out queries (greedy, at most ``--max-tokens``) with each wording's
 generated adapter and prints the mean of every measure of ``vllm_t2l/train/checks.py``, how many answers open with a
@@ -38,24 +39,42 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("wordings", nargs="+")
     parser.add_argument("--queries", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--strengths", default="1", help="comma-separated strengths of each wording's adapter")
+    parser.add_argument("--system-prompt", action="store_true",
+                        help="also answer with each wording as the system prompt and no adapter, and with neither")
     args = parser.parse_args(argv)
+    strengths = [float(s) for s in args.strengths.split(",")]
 
     gen = Generator.load(args.checkpoint)
     student = Student(prepare_default_model(), gen.checkpoint.config.target_modules)
     queries = spread([q["text"] for q in data.load_queries() if q["split"] != "train"], args.queries)
     prompts = [student.prompt_ids(q) for q in queries]
     print("| wording | " + " | ".join(SHOWN) + " | openers | ‖dW‖ | first answer |\n|---|" + "---|" * (len(SHOWN) + 3))
-    for wording in args.wordings:
-        with torch.no_grad():
-            adapter = gen.generate_one(spec_from_parts([wording]))
-            student.set_adapters(*as_batch([adapter] * len(queries)))
-            answers = [student.tokenizer.decode(ids, skip_special_tokens=True)
-                       for ids in student.generate(prompts, args.max_tokens)]
+    def row(label: str, answers: list[str], norm: str) -> None:
         means = [sum(map(MEASURES[m], answers)) / len(answers) for m in SHOWN]
         first = answers[0].replace("\n", " ").replace("|", "/")[:120]
         opened = sum(opener_counts([a.strip() for a in answers]).values())  # the styles' phrases do not overlap
-        cells = [f"{v:.2f}" for v in means] + [f"{opened}/{len(answers)}", f"{adapter.norm():.2f}", first]
-        print(f"| {wording} | " + " | ".join(cells) + " |")
+        cells = [f"{v:.2f}" for v in means] + [f"{opened}/{len(answers)}", norm, first]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+    def answer(prompt_ids: list[list[int]]) -> list[str]:
+        return [student.tokenizer.decode(ids, skip_special_tokens=True)
+                for ids in student.generate(prompt_ids, args.max_tokens)]
+
+    if args.system_prompt:
+        row("(base model)", answer(prompts), "0")
+    for wording in args.wordings:
+        if args.system_prompt:
+            student.set_adapters(None)
+            row(f"{wording} (system prompt)", answer([student.prompt_ids(q, system=wording) for q in queries]), "0")
+        for strength in strengths:
+            with torch.no_grad():
+                adapter = gen.generate_one(spec_from_parts([wording], strength=strength))
+                student.set_adapters(*as_batch([adapter] * len(queries)))
+                answers = answer(prompts)
+            label = wording if strength == 1 else f"{wording} (strength {strength:g})"
+            row(label, answers, f"{adapter.norm():.2f}")
+        student.set_adapters(None)
 
     poles = {p["style"]: F.normalize(gen.embedder(p["descriptions"]), dim=-1) for p in data.load_dials()}
     print("\n| wording | " + " | ".join(poles) + " |\n|---|" + "---|" * len(poles))
