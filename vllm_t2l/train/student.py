@@ -106,20 +106,34 @@ class Student:
         hidden = self.model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         return self.model.lm_head(hidden[batch.rows, batch.positions]).float()
 
-    @torch.no_grad()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy continuations (with whatever adapters are installed), eos included when reached."""
+    def _left_padded(self, prompts: list[list[int]]) -> tuple[Tensor, Tensor]:
         width = max(len(p) for p in prompts)
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for n, p in enumerate(prompts):  # left padding for generation
+        for n, p in enumerate(prompts):
             ids[n, width - len(p):] = torch.tensor(p)
             mask[n, width - len(p):] = 1
-        out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                  max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        return ids.to(self.device), mask.to(self.device)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, unprompted: list[list[int]] | None = None,
+                 guidance: float = 1.0) -> list[list[int]]:
+        """Greedy continuations (with whatever adapters are installed), eos included when reached.
+
+        With ``unprompted`` (the same conversations without the description) and ``guidance`` g, each token is the
+        argmax of ``l_unprompted + g (l_prompt - l_unprompted)``: the amplified teacher (classifier-free guidance,
+        transformers' own), which the 135M model needs before many descriptions show in its answers at all.
+        """
+        ids, mask = self._left_padded(prompts)
+        extra = {}
+        if unprompted is not None and guidance != 1:
+            neg_ids, neg_mask = self._left_padded(unprompted)
+            extra = {"guidance_scale": guidance, "negative_prompt_ids": neg_ids,
+                     "negative_prompt_attention_mask": neg_mask}
+        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                  pad_token_id=self.tokenizer.pad_token_id or 0, **extra)
         eos = self.tokenizer.eos_token_id
         result = []
-        for row in out[:, width:].tolist():
+        for row in out[:, ids.shape[1]:].tolist():
             result.append(row[: row.index(eos) + 1] if eos in row else row)
         return result
