@@ -92,7 +92,7 @@ def test_fixture_reproduces_upstream_lora(name, tmp_path):
 
 @needs_fixtures
 def test_adapter_config_order_would_be_wrong():
-    """L_all7's adapter_config.json swaps gate_proj and k_proj: honouring it misses by far, the heads' order does not."""
+    """L_all7's adapter_config.json swaps gate_proj and k_proj: honouring it misses far, the heads' order does not."""
     emb, ref, meta = reference("L_all7")
     listed = json.loads((FIXTURES / "L_all7" / "adapter_config.json").read_text())["target_modules"]
     assert listed != list(meta["module_to_int"])
