@@ -142,6 +142,14 @@ def cmd_eval(ns: argparse.Namespace) -> None:
     print((Path(cfg.out) / "quality.md").read_text())
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes end in one line too (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def _comma_list(text: str) -> tuple[str, ...]:
     return tuple(v for v in text.split(",") if v)
 
@@ -176,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _main(argv: list[str] | None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="vllm-t2l", description=__doc__)
+    parser = _Parser(prog="vllm-t2l", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="start vLLM's OpenAI server with t2l: adapters (other flags go to vLLM)")

@@ -59,11 +59,13 @@ class BaseShapes:
             path = path / "config.json" if path.is_dir() else path
             config = json.loads(path.read_text())
         cfg = config.get("text_config", config)
-        hidden = cfg["hidden_size"]
-        heads = cfg["num_attention_heads"]
+        try:
+            hidden, heads, inter = cfg["hidden_size"], cfg["num_attention_heads"], cfg["intermediate_size"]
+            n_layers = cfg["num_hidden_layers"]
+        except KeyError as e:
+            raise ValueError(f"the base model's config.json lacks {e}") from None
         head_dim = cfg.get("head_dim") or hidden // heads
         kv = cfg.get("num_key_value_heads", heads) * head_dim
-        inter = cfg["intermediate_size"]
         sizes = {
             "q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv), "v_proj": (hidden, kv),
             "o_proj": (heads * head_dim, hidden),
@@ -74,7 +76,7 @@ class BaseShapes:
             raise ValueError(f"unsupported target modules {unknown}; supported: {sorted(sizes)}")
         return cls(
             name=name or cfg.get("_name_or_path") or "unknown",
-            n_layers=cfg["num_hidden_layers"],
+            n_layers=n_layers,
             modules={m: sizes[m] for m in target_modules},
         )
 
