@@ -117,3 +117,10 @@ def test_import_t2l_command(tmp_path):
     assert bad.returncode == 2 and not (tmp_path / "d").exists()
     lines = [line for line in bad.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--module-order q_proj,k_proj is not an order" in lines[0], bad.stderr
+
+
+def test_serve_passes_the_embedder_code_opt_in(no_prepare, tiny_checkpoint):
+    _, env = cli.serve_command([], str(tiny_checkpoint), None, None)
+    assert "VLLM_T2L_TRUST_EMBEDDER_CODE" not in env or env["VLLM_T2L_TRUST_EMBEDDER_CODE"] != "1"
+    _, env = cli.serve_command([], str(tiny_checkpoint), None, None, trust_embedder_code=True)
+    assert env["VLLM_T2L_TRUST_EMBEDDER_CODE"] == "1"
