@@ -1,19 +1,17 @@
-"""Tests for vllm_t2l.checkpoint: the own format, its validation, and the Text-to-LoRA importer."""
+"""Tests for vllm_t2l.checkpoint: the own format and its validation (the importer: test_t2l_folder.py)."""
 
 from __future__ import annotations
 
-import collections
 import json
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from conftest import TINY_CONFIG, make_hypernet
 from safetensors.torch import load_file, save_file
 
 from vllm_t2l import checkpoint as ckpt_mod
-from vllm_t2l.checkpoint import _T2L_KEYS, CONFIG, WEIGHTS, Checkpoint, CheckpointError, import_t2l
+from vllm_t2l.checkpoint import CONFIG, WEIGHTS, Checkpoint, CheckpointError
 from vllm_t2l.embed import EmbedderConfig
 from vllm_t2l.hypernet import ARCHS, BaseShapes, HyperNet
 
@@ -60,7 +58,7 @@ def test_round_trip(arch, tmp_path, tiny_shapes):
 
 def test_config_json_contents(tiny_checkpoint):
     meta = json.loads((tiny_checkpoint / CONFIG).read_text())
-    assert meta["format"] == "vllm-t2l" and meta["version"] == 1
+    assert meta["format"] == "vllm-t2l" and meta["version"] == 2
     assert meta["hypernet"]["arch"] == "zhyper-diag"
     assert meta["base"]["n_layers"] == 3
     assert meta["embedder"]["dim"] == 384
@@ -115,13 +113,46 @@ def test_invalid_json(tiny_checkpoint):
         ckpt_mod.load(tiny_checkpoint)
 
 
-@pytest.mark.parametrize("change", [{"format": "peft"}, {"version": 2}, {"format": None}])
+@pytest.mark.parametrize("change", [{"format": "peft"}, {"version": 3}, {"format": None}])
 def test_wrong_format_or_version(tiny_checkpoint, change):
     meta = json.loads((tiny_checkpoint / CONFIG).read_text())
     meta.update(change)
     (tiny_checkpoint / CONFIG).write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match="expected format 'vllm-t2l' version 1"):
+    with pytest.raises(CheckpointError, match="expected format 'vllm-t2l' version 2"):
         ckpt_mod.load(tiny_checkpoint)
+
+
+def _as_version_1(folder: Path) -> None:
+    meta = json.loads((folder / CONFIG).read_text())
+    (folder / CONFIG).write_text(json.dumps(dict(meta, version=1)))
+
+
+@pytest.mark.parametrize("arch", ["t2l-L", "t2l-M", "t2l-S"])
+def test_version_1_t2l_is_refused(arch, tmp_path, tiny_shapes):
+    """Version 1 t2l-* checkpoints ran the old wiring: the same keys read by the new one would be misread."""
+    folder = _save(make_hypernet(arch, tiny_shapes), tmp_path / "c")
+    _as_version_1(folder)
+    with pytest.raises(CheckpointError, match="earlier T2L wiring") as e:
+        ckpt_mod.load(folder)
+    assert "import-t2l" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("arch", ["zhyper-diag", "zhyper-square"])
+def test_version_1_zhyper_still_loads(arch, tmp_path, tiny_shapes):
+    net = make_hypernet(arch, tiny_shapes, seed=2)
+    folder = _save(net, tmp_path / "c")
+    _as_version_1(folder)
+    assert_same_outputs(net, ckpt_mod.load(folder).hypernet)
+
+
+def test_shipped_checkpoints_are_zhyper_version_1():
+    """They were written before the T2L wiring changed; being Zhyper, they keep loading unchanged."""
+    folders = sorted((Path(ckpt_mod.__file__).parent / "checkpoints").iterdir())
+    assert folders
+    for folder in folders:
+        meta = json.loads((folder / CONFIG).read_text())
+        assert meta["hypernet"]["arch"].startswith("zhyper") and meta["version"] == 1
+        assert ckpt_mod.load(folder).id
 
 
 @pytest.mark.parametrize("edit", [
@@ -198,160 +229,3 @@ def test_own_loader_refuses_t2l_folder(tmp_path):
     (tmp_path / "hypermod.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="import-t2l"):
         ckpt_mod.load(tmp_path)
-
-
-# ---- published Text-to-LoRA folders ------------------------------------------------------------
-
-def to_t2l_state(net: HyperNet, with_offsets: bool = True) -> dict[str, torch.Tensor]:
-    """Our state dict under Text-to-LoRA's key names (the inverse of checkpoint._T2L_KEYS)."""
-    out = {}
-    for key, value in net.state_dict().items():
-        if key.startswith("offset_"):
-            if with_offsets:
-                out["AB_offset." + key[len("offset_"):]] = value.clone()
-            continue
-        if key == "ab_emb":
-            continue
-        for theirs, mine in _T2L_KEYS:
-            if key.startswith(mine):
-                out[theirs + key[len(mine):]] = value.clone()
-                break
-        else:
-            raise AssertionError(f"no Text-to-LoRA name for {key}")
-    return out
-
-
-def write_t2l_folder(folder: Path, net: HyperNet, state: object, **args_extra) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    c = net.config
-    torch.save(state, folder / "hypermod.pt")
-    args = {"model_dir": "tiny-llama", "emb_model": "Alibaba-NLP/gte-large-en-v1.5",
-            "hypernet_latent_size": c.latent, "head_in_size": c.head_in,
-            "target_modules": list(c.target_modules), "autoreg_gen": False, "shared_AB_head": False,
-            "learnable_AB_offset": True, **args_extra}
-    (folder / "args.yaml").write_text(yaml.safe_dump(args))
-    lora = {"peft_type": "LORA", "r": c.rank, "lora_alpha": c.alpha, "use_rslora": c.use_rslora,
-            "target_modules": list(c.target_modules)}
-    (folder / "adapter_config.json").write_text(json.dumps(lora))
-    return folder
-
-
-def test_t2l_state_uses_their_names(tiny_shapes):
-    keys = set(to_t2l_state(make_hypernet("t2l-L", tiny_shapes)))
-    for k in ["task_encoder.mlp.0.weight", "task_encoder.mlp.1.weight", "layer_depth_encoder.0.weight",
-              "layer_depth_encoder.1.bias", "layer_type_encoder.0.weight", "layer_type_encoder.1.weight",
-              "mixer.1.weight", "mixer.4.bias", "mlp1.mlp.0.weight", "mlp1.mlp.1.weight",
-              "mlp1.mlp.4.bias", "mlp2.mlp.0.bias", "mlp2.mlp.1.weight", "mlp2.mlp.4.weight",
-              "mlp3.0.weight", "mlp3.1.weight", "mlp3.4.bias", "heads.q_proj.weight",
-              "heads.q_proj.bias", "heads.v_proj.weight", "heads.v_proj.bias", "AB_offset.q_proj"]:
-        assert k in keys, k
-
-
-def test_import_t2l_L(tmp_path, tiny_config_dir, tiny_shapes):
-    src = make_hypernet("t2l-L", tiny_shapes, seed=11)
-    folder = write_t2l_folder(tmp_path / "t2l", src, to_t2l_state(src))
-    ck = import_t2l(folder, tiny_config_dir)
-    assert ck.config.arch == "t2l-L"
-    assert ck.config.rank == 8 and ck.config.alpha == 16.0 and ck.config.use_rslora is True
-    assert ck.config.target_modules == ("q_proj", "v_proj")
-    assert ck.base.modules == tiny_shapes.modules and ck.base.name == "tiny-llama"
-    assert ck.embedder.dim == 384 and ck.embedder.pooling == "cls"
-    assert ck.embedder.name == "Alibaba-NLP/gte-large-en-v1.5"
-    assert ck.trained is True and ck.card["arch"] == "t2l-L"
-    assert_same_outputs(src, ck.hypernet)
-    # and it survives our own format
-    ck.save(tmp_path / "own")
-    assert_same_outputs(src, ckpt_mod.load(tmp_path / "own").hypernet)
-    # an explicit embedder path wins over args.yaml
-    assert import_t2l(folder, tiny_config_dir, embedder_path="/models/gte").embedder.name == "/models/gte"
-
-
-def test_import_t2l_without_offsets(tmp_path, tiny_config_dir, tiny_shapes):
-    src = make_hypernet("t2l-L", tiny_shapes, seed=12)
-    folder = write_t2l_folder(tmp_path / "t2l", src, to_t2l_state(src, with_offsets=False))
-    ck = import_t2l(folder, tiny_config_dir)
-    for m in src.modules_:
-        getattr(src, f"offset_{m}").zero_()
-    assert_same_outputs(src, ck.hypernet)
-
-
-def test_import_t2l_M(tmp_path, tiny_config_dir, tiny_shapes):
-    src = make_hypernet("t2l-M", tiny_shapes, seed=13)
-    state = to_t2l_state(src)
-    g = torch.Generator().manual_seed(0)
-    latent = src.config.latent
-    state["out_emb.weight"] = torch.randn(2, latent, generator=g)
-    state["out_emb_norm.weight"] = 1 + 0.1 * torch.randn(latent, generator=g)
-    state["out_emb_norm.bias"] = 0.1 * torch.randn(latent, generator=g)
-    with torch.no_grad():  # what their A/B selector looks like after its LayerNorm
-        src.ab_emb.copy_(torch.nn.functional.layer_norm(
-            state["out_emb.weight"], (latent,), state["out_emb_norm.weight"], state["out_emb_norm.bias"]))
-    folder = write_t2l_folder(tmp_path / "t2l", src, state, shared_AB_head=True)
-    ck = import_t2l(folder, tiny_config_dir)
-    assert ck.config.arch == "t2l-M" and ck.card["arch"] == "t2l-M"
-    assert_same_outputs(src, ck.hypernet)
-
-
-def test_import_t2l_S_refused(tmp_path, tiny_config_dir, tiny_shapes):
-    src = make_hypernet("t2l-L", tiny_shapes)
-    folder = write_t2l_folder(tmp_path / "t2l", src, to_t2l_state(src), autoreg_gen=True)
-    with pytest.raises(CheckpointError, match="autoreg_gen"):
-        import_t2l(folder, tiny_config_dir)
-
-
-def test_import_t2l_wrong_base(tmp_path, tiny_shapes):
-    src = make_hypernet("t2l-L", tiny_shapes)
-    folder = write_t2l_folder(tmp_path / "t2l", src, to_t2l_state(src))
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "config.json").write_text(json.dumps(dict(TINY_CONFIG, hidden_size=128)))
-    with pytest.raises(CheckpointError, match="heads.q_proj"):
-        import_t2l(folder, other)
-
-
-def test_import_t2l_missing_files(tmp_path, tiny_config_dir, tiny_shapes):
-    src = make_hypernet("t2l-L", tiny_shapes)
-    folder = write_t2l_folder(tmp_path / "t2l", src, to_t2l_state(src))
-    (folder / "args.yaml").unlink()
-    with pytest.raises(CheckpointError, match="lacks args.yaml"):
-        import_t2l(folder, tiny_config_dir)
-    folder = write_t2l_folder(tmp_path / "t2l2", src, to_t2l_state(src))
-    (folder / "hypermod.pt").unlink()
-    with pytest.raises(CheckpointError, match="lacks hypermod.pt"):
-        import_t2l(folder, tiny_config_dir)
-
-
-def test_import_t2l_nonfinite(tmp_path, tiny_config_dir, tiny_shapes):
-    src = make_hypernet("t2l-L", tiny_shapes)
-    state = to_t2l_state(src)
-    state["mlp3.4.weight"][0, 0] = float("nan")
-    folder = write_t2l_folder(tmp_path / "t2l", src, state)
-    with pytest.raises(CheckpointError, match="NaN"):
-        import_t2l(folder, tiny_config_dir)
-
-
-class SneakyDict(collections.OrderedDict):
-    """Not a class torch's weights_only unpickler allows: loading it must be refused."""
-
-
-def test_import_t2l_refuses_pickled_objects(tmp_path, tiny_config_dir, tiny_shapes):
-    src = make_hypernet("t2l-L", tiny_shapes)
-    folder = write_t2l_folder(tmp_path / "t2l", src, SneakyDict(to_t2l_state(src)))
-    with pytest.raises(CheckpointError, match="cannot be read safely"):
-        import_t2l(folder, tiny_config_dir)
-
-
-def test_import_t2l_refuses_non_dict(tmp_path, tiny_config_dir, tiny_shapes):
-    src = make_hypernet("t2l-L", tiny_shapes)
-    folder = write_t2l_folder(tmp_path / "t2l", src, [torch.zeros(2)])
-    with pytest.raises(CheckpointError, match="not a state dict"):
-        import_t2l(folder, tiny_config_dir)
-
-
-def test_import_t2l_corrupt_archive(tmp_path, tiny_config_dir, tiny_shapes):
-    src = make_hypernet("t2l-L", tiny_shapes)
-    folder = write_t2l_folder(tmp_path / "t2l", src, to_t2l_state(src))
-    data = (folder / "hypermod.pt").read_bytes()
-    (folder / "hypermod.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="cannot be read safely"):
-        import_t2l(folder, tiny_config_dir)

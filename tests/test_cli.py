@@ -67,3 +67,60 @@ def test_list_and_switch_flags_parse(monkeypatch, tmp_path):
     assert seen["eval"].compliance is False
     cli.main(["train", "--target-modules", "q_proj,v_proj,", "--prompt-ids", "p1"])
     assert seen["train"].target_modules == ("q_proj", "v_proj") and seen["train"].prompt_ids == ("p1",)
+
+
+# ---- errors: one line, exit code 2, for every subcommand -----------------------------------------
+
+@pytest.mark.parametrize("argv, match", [
+    (["serve", "--checkpoint", "{tmp}"], "config.json is missing"),
+    (["prepare", "--bogus"], "unrecognized arguments: --bogus"),
+    (["generate", "--description", "x", "--checkpoint", "{tmp}", "--out", "{tmp}/o"], "config.json is missing"),
+    (["generate", "--description", "x", "--weights", "1,a", "--out", "{tmp}/o"], "--weights '1,a'"),
+    (["generate", "--out", "{tmp}/o"], "required: --description"),
+    (["init", "--arch", "t2l-XL", "--out", "{tmp}/o"], "unknown arch 't2l-XL'"),
+    (["init", "--base-model", "{tmp}/nope", "--out", "{tmp}/o"], "No such file"),
+    (["init", "--base-model", "{tmp}/bad.json", "--out", "{tmp}/o"], "lacks 'hidden_size'"),
+    (["import-t2l", "{tmp}/nope", "--base-config", "{tmp}", "--out", "{tmp}/o"], "is not a folder"),
+    (["import-t2l", "{tmp}", "--base-config", "{tmp}", "--out", "{tmp}/o"], "lacks args.yaml"),
+    (["train", "--embedder", "{tmp}/nope", "--out", "{tmp}/o"], "not found"),
+    (["eval", "--checkpoint", "{tmp}", "--out", "{tmp}/o"], "config.json is missing"),
+    (["bogus"], "invalid choice"),
+])
+def test_errors_are_one_line_and_exit_2(argv, match, tmp_path, capsys):
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        cli.main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error:" in err and match in err, err
+
+
+FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "t2l-upstream"
+
+
+@pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"upstream fixtures not found at {FIXTURES}")
+def test_import_t2l_command(tmp_path):
+    """As a user runs it: a published folder imports, the order used is printed; a refusal is one line."""
+    import json
+    import subprocess
+    import sys
+
+    run = [sys.executable, "-m", "vllm_t2l.cli", "import-t2l", "--base-config", str(FIXTURES / "tiny-llama")]
+    ok = subprocess.run(run + [str(FIXTURES / "L_all7"), "--out", str(tmp_path / "c")], capture_output=True,
+                        text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "module order o_proj,gate_proj,k_proj,up_proj,down_proj,v_proj,q_proj" in ok.stdout
+    meta = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert meta["hypernet"]["target_modules"][:3] == ["o_proj", "gate_proj", "k_proj"]
+    bad = subprocess.run(run + [str(FIXTURES / "L_all7"), "--module-order", "q_proj,k_proj", "--out",
+                                str(tmp_path / "d")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and not (tmp_path / "d").exists()
+    lines = [line for line in bad.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--module-order q_proj,k_proj is not an order" in lines[0], bad.stderr
+
+
+def test_serve_passes_the_embedder_code_opt_in(no_prepare, tiny_checkpoint):
+    _, env = cli.serve_command([], str(tiny_checkpoint), None, None)
+    assert "VLLM_T2L_TRUST_EMBEDDER_CODE" not in env or env["VLLM_T2L_TRUST_EMBEDDER_CODE"] != "1"
+    _, env = cli.serve_command([], str(tiny_checkpoint), None, None, trust_embedder_code=True)
+    assert env["VLLM_T2L_TRUST_EMBEDDER_CODE"] == "1"

@@ -269,8 +269,12 @@ def test_gradients_reach_every_parameter(arch, all_shapes):
     zero = [n for n, p in params.items() if p.grad.abs().sum() == 0]
     assert not zero, f"gradient is identically zero for {zero}"
     # the offsets are fixed buffers, not trained
-    assert not any(n.startswith("offset_") for n in params)
-    assert all(f"offset_{m}" in dict(net.named_buffers()) for m in all_shapes.modules)
+    assert not any(n.startswith(("offset_", "AB_offset.")) for n in params)
+    buffers = dict(net.named_buffers())
+    if arch in ("t2l-L", "t2l-M"):  # Text-to-LoRA's per-layer offsets
+        assert all(f"AB_offset.{ab}.{m}" in buffers for m in all_shapes.modules for ab in "AB")
+    else:
+        assert all(f"offset_{m}" in buffers for m in all_shapes.modules)
 
 
 def test_parameter_count_ordering(tiny_shapes):

@@ -1,12 +1,11 @@
-"""Hypernetwork checkpoints: the project's own format, and an importer for published Text-to-LoRA folders.
+"""Hypernetwork checkpoints in the project's own format (published Text-to-LoRA folders: ``t2l_folder``).
 
 Own format, a folder:
-    config.json          {"format": "vllm-t2l", "version": 1, "hypernet": {...}, "base": {...},
+    config.json          {"format": "vllm-t2l", "version": 2, "hypernet": {...}, "base": {...},
                           "embedder": {...}, "trained": bool, "card": {...}}
     hypernet.safetensors the state dict
 
-Nothing here unpickles untrusted data: safetensors, JSON, YAML (safe loader), and torch.load with
-weights_only=True for the published format.
+Nothing here unpickles anything: safetensors and JSON only.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from vllm_t2l.embed import EmbedderConfig
 from vllm_t2l.hypernet import BaseShapes, HyperConfig, HyperNet
 
 FORMAT = "vllm-t2l"
-VERSION = 1
+VERSION = 2  # 2: t2l-* run Text-to-LoRA's own wiring; version 1 is read for Zhyper only (its wiring is unchanged)
 CONFIG = "config.json"
 WEIGHTS = "hypernet.safetensors"
 
@@ -95,9 +94,15 @@ def read_config(folder: str | Path) -> tuple[dict, HyperConfig, BaseShapes, Embe
         raise CheckpointError(f"{folder / CONFIG} is not valid JSON: {e}") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{folder / CONFIG} must hold a JSON object")
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    if meta.get("format") != FORMAT or meta.get("version") not in (1, VERSION):
         raise CheckpointError(f"{folder / CONFIG}: expected format {FORMAT!r} version {VERSION}, "
                               f"got {meta.get('format')!r} version {meta.get('version')}")
+    arch = meta.get("hypernet", {}).get("arch", "") if isinstance(meta.get("hypernet"), dict) else ""
+    if meta["version"] == 1 and str(arch).startswith("t2l"):
+        raise CheckpointError(
+            f"{folder / CONFIG}: a version 1 {arch} checkpoint uses this project's earlier T2L wiring (mixer "
+            "with a residual, no SiLU after the trunk blocks, B laid out [out, r]), which is no longer run: "
+            "retrain it, or re-import the published folder with `vllm-t2l import-t2l`")
     try:
         config = HyperConfig(**meta["hypernet"])
         shapes = BaseShapes.from_dict(meta["base"])
@@ -115,13 +120,14 @@ def load(folder: str | Path, device: str = "cpu") -> Checkpoint:
     except (FileNotFoundError, SafetensorError, OSError) as e:
         raise CheckpointError(f"{folder / WEIGHTS} cannot be read: {e}") from None
     net = HyperNet(config, shapes)
-    _load_state(net, state, str(folder / WEIGHTS))
+    load_state(net, state, str(folder / WEIGHTS))
     ckpt = Checkpoint(net.to(device).eval(), embedder, bool(meta.get("trained")), meta.get("card", {}))
     ckpt.id = _fingerprint(meta, folder / WEIGHTS)
     return ckpt
 
 
-def _load_state(net: HyperNet, state: dict[str, torch.Tensor], source: str) -> None:
+def load_state(net: HyperNet, state: dict[str, torch.Tensor], source: str) -> None:
+    """Fill ``net`` from ``state``, refusing missing, unexpected, misshapen or non-finite tensors by name."""
     own = net.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -140,68 +146,3 @@ def _load_state(net: HyperNet, state: dict[str, torch.Tensor], source: str) -> N
     if bad:
         raise CheckpointError(f"{source} holds NaN or infinite values in {bad[:5]}")
     net.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
-
-
-# ---- published Text-to-LoRA folders -----------------------------------------------------------
-
-_T2L_KEYS = [  # (their prefix, our prefix)
-    ("task_encoder.mlp.", "task_encoder."),
-    ("layer_depth_encoder.", "layer_encoder."),
-    ("layer_type_encoder.", "module_encoder."),
-    ("mixer.", "mixer."),
-    ("mlp1.mlp.", "block1.mlp."),
-    ("mlp2.mlp.", "block2.mlp."),
-    ("mlp3.", "to_head."),
-    ("heads.", "heads."),
-]
-
-
-def import_t2l(folder: str | Path, base_config: str | Path, embedder_path: str | None = None) -> Checkpoint:
-    """Convert a published Text-to-LoRA folder (hypermod.pt + args.yaml + adapter_config.json).
-
-    Needs only the base model's config.json for the shapes, never its weights. The L and M
-    variants map one to one; S encodes ranks differently from ours and is refused.
-    Assumed layout (checked by shapes): an L head emits A then B, each row-major; ``AB_offset.<m>``
-    buffers are added to the head output.
-    """
-    import yaml
-
-    folder = Path(folder)
-    try:
-        args = yaml.safe_load((folder / "args.yaml").read_text())
-        lora = json.loads((folder / "adapter_config.json").read_text())
-        state = torch.load(folder / "hypermod.pt", map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{folder} lacks {Path(e.filename).name}: not a Text-to-LoRA folder") from None
-    except Exception as e:  # unpickling refused, corrupt zip, bad YAML/JSON
-        raise CheckpointError(f"{folder} cannot be read safely: {e}") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{folder / 'hypermod.pt'} is not a state dict")
-    if args.get("autoreg_gen"):
-        raise CheckpointError("Text-to-LoRA S checkpoints (autoreg_gen) are not supported; L and M are")
-    arch = "t2l-M" if args.get("shared_AB_head") else "t2l-L"
-    modules = tuple(lora.get("target_modules") or args["target_modules"])
-    emb_dim = state["task_encoder.mlp.0.weight"].shape[1]
-    config = HyperConfig(arch=arch, emb_dim=emb_dim, latent=int(args["hypernet_latent_size"]),
-                         head_in=int(args["head_in_size"]), rank=int(lora["r"]),
-                         alpha=float(lora["lora_alpha"]), use_rslora=bool(lora.get("use_rslora", False)),
-                         target_modules=modules)
-    shapes = BaseShapes.from_config(base_config, modules, name=args.get("model_dir"))
-    net = HyperNet(config, shapes)
-    ours: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        for theirs, mine in _T2L_KEYS:
-            if key.startswith(theirs):
-                ours[mine + key[len(theirs):]] = value
-        if key.startswith("AB_offset."):
-            ours[f"offset_{key.split('.', 1)[1]}"] = value
-    if arch == "t2l-M":
-        emb, w, b = state["out_emb.weight"], state["out_emb_norm.weight"], state["out_emb_norm.bias"]
-        ours["ab_emb"] = torch.nn.functional.layer_norm(emb, emb.shape[-1:], w, b)
-    for k, v in net.state_dict().items():  # a folder without AB_offset adds nothing to the heads
-        if k.startswith("offset_"):
-            ours.setdefault(k, torch.zeros_like(v))
-    _load_state(net, ours, str(folder / "hypermod.pt"))
-    emb_name = embedder_path or args.get("emb_model", "unknown")
-    return Checkpoint(net.eval(), EmbedderConfig(name=emb_name, dim=emb_dim, pooling="cls"),
-                      trained=True, card={"imported_from": str(folder), "arch": arch})

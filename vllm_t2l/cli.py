@@ -11,6 +11,9 @@ from pathlib import Path
 
 log = logging.getLogger("vllm_t2l")
 
+TRUST_HELP = ("let the embedder run the modelling code its folder ships (gte-large-en-v1.5 needs this); "
+              "off by default")
+
 # Flags `serve` adds unless the user gives them; later flags win in vLLM's parser.
 SERVE_DEFAULTS = [("--enable-lora", None), ("--max-lora-rank", "16"), ("--max-loras", "4"),
                   ("--max-cpu-loras", "32"), ("--host", "127.0.0.1"), ("--max-model-len", "2048")]
@@ -32,7 +35,7 @@ def _target_modules(checkpoint: str | None) -> list[str]:
 
 
 def serve_command(vllm_args: list[str], checkpoint: str | None, catalog: str | None,
-                  cache_dir: str | None) -> tuple[list[str], dict[str, str]]:
+                  cache_dir: str | None, trust_embedder_code: bool = False) -> tuple[list[str], dict[str, str]]:
     """The argv and environment that start vLLM's OpenAI server with the plugin ready."""
     import torch
 
@@ -53,16 +56,13 @@ def serve_command(vllm_args: list[str], checkpoint: str | None, catalog: str | N
     for key, value in (("CHECKPOINT", checkpoint), ("CATALOG", catalog), ("CACHE_DIR", cache_dir)):
         if value:
             env[f"VLLM_T2L_{key}"] = str(Path(value).resolve())
+    if trust_embedder_code:
+        env["VLLM_T2L_TRUST_EMBEDDER_CODE"] = "1"
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *extra, *args], env
 
 
 def cmd_serve(ns: argparse.Namespace, rest: list[str]) -> None:
-    from vllm_t2l.checkpoint import CheckpointError
-
-    try:
-        argv, env = serve_command(rest, ns.checkpoint, ns.catalog, ns.cache_dir)
-    except CheckpointError as e:
-        sys.exit(f"error: {e}")
+    argv, env = serve_command(rest, ns.checkpoint, ns.catalog, ns.cache_dir, ns.trust_embedder_code)
     log.info("starting: %s", " ".join(argv))
     os.execve(sys.executable, argv, env)
 
@@ -80,13 +80,14 @@ def cmd_generate(ns: argparse.Namespace) -> None:
     from vllm_t2l.models import DEFAULT_CHECKPOINT
     from vllm_t2l.names import AdapterNameError, load_catalog, spec_from_parts
 
-    weights = [float(w) for w in ns.weights.split(",")] if ns.weights else None
-    catalog = load_catalog(ns.catalog) if ns.catalog else None
     try:
-        spec = spec_from_parts(ns.description, weights, ns.mode, catalog, strength=ns.strength)
-    except AdapterNameError as e:
-        sys.exit(f"error: {e}")
-    gen = Generator.load(ns.checkpoint or DEFAULT_CHECKPOINT, ns.embedder)
+        weights = [float(w) for w in ns.weights.split(",")] if ns.weights else None
+    except ValueError:
+        raise AdapterNameError(f"--weights {ns.weights!r} is not a comma-separated list of numbers") from None
+    catalog = load_catalog(ns.catalog) if ns.catalog else None
+    spec = spec_from_parts(ns.description, weights, ns.mode, catalog, strength=ns.strength)
+    gen = Generator.load(ns.checkpoint or DEFAULT_CHECKPOINT, ns.embedder,
+                         trust_embedder_code=ns.trust_embedder_code)
     lora = gen.generate_one(spec)
     base = ns.base_model or gen.checkpoint.base.name
     lora.save_peft(ns.out, base, {"checkpoint": gen.id, "descriptions": spec.descriptions,
@@ -116,11 +117,12 @@ def cmd_init(ns: argparse.Namespace) -> None:
 
 
 def cmd_import_t2l(ns: argparse.Namespace) -> None:
-    from vllm_t2l.checkpoint import import_t2l
+    from vllm_t2l.t2l_folder import import_t2l
 
-    ckpt = import_t2l(ns.folder, ns.base_config, ns.embedder)
+    ckpt = import_t2l(ns.folder, ns.base_config, ns.embedder, ns.module_order)
     ckpt.save(ns.out)
-    print(f"imported {ckpt.config.arch} to {ns.out} (id {ckpt.id})")
+    print(f"imported {ckpt.config.arch} to {ns.out} (id {ckpt.id}; module order "
+          f"{','.join(ckpt.config.target_modules)}, from the {ckpt.card['module_order_source']})")
 
 
 def cmd_train(ns: argparse.Namespace) -> None:
@@ -138,6 +140,14 @@ def cmd_eval(ns: argparse.Namespace) -> None:
     cfg = EvalConfig(**values)
     evaluate(cfg)
     print((Path(cfg.out) / "quality.md").read_text())
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes end in one line too (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def _comma_list(text: str) -> tuple[str, ...]:
@@ -163,14 +173,25 @@ def _dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run one subcommand; a problem with the user's input ends it with one line on stderr and exit code 2."""
+    try:
+        _main(argv)
+    except (ValueError, OSError) as e:  # CheckpointError, EmbedderError, AdapterNameError, missing files
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"vllm-t2l: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _main(argv: list[str] | None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="vllm-t2l", description=__doc__)
+    parser = _Parser(prog="vllm-t2l", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="start vLLM's OpenAI server with t2l: adapters (other flags go to vLLM)")
     p.add_argument("--checkpoint", help="hypernetwork checkpoint folder (default: the embedded one)")
     p.add_argument("--catalog", help="JSON file {name: description} for t2l:@name")
     p.add_argument("--cache-dir", help="where generated adapters are kept (survives restarts)")
+    p.add_argument("--trust-embedder-code", action="store_true", help=TRUST_HELP)
 
     sub.add_parser("prepare", help="prepare the embedded default model and embedders once and print their paths")
 
@@ -186,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--embedder", help="local sentence-transformers folder (default: from the checkpoint)")
     p.add_argument("--catalog")
     p.add_argument("--base-model", help="base_model_name_or_path written into adapter_config.json")
+    p.add_argument("--trust-embedder-code", action="store_true", help=TRUST_HELP)
 
     p = sub.add_parser("init", help="write an untrained checkpoint for a base model")
     p.add_argument("--out", required=True)
@@ -206,6 +228,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("folder")
     p.add_argument("--base-config", required=True, help="the base model's folder or config.json")
     p.add_argument("--embedder", help="local folder of the checkpoint's embedder (e.g. gte-large-en-v1.5)")
+    p.add_argument("--module-order", type=_comma_list,
+                   help="training order of the modules, comma-separated (default: the order of the heads in "
+                        "hypermod.pt, which is where upstream records it)")
     p.add_argument("--out", required=True)
 
     from vllm_t2l.train.evaluate import EvalConfig

@@ -28,10 +28,11 @@ class Generator:
 
     @classmethod
     def load(cls, checkpoint: str | Path, embedder_path: str | Path | None = None,
-             device: str = "cpu") -> Generator:
+             device: str = "cpu", trust_embedder_code: bool = False) -> Generator:
+        """``trust_embedder_code``: let an embedder that ships its own modelling code run it (opt-in)."""
         ckpt = ckpt_mod.load(checkpoint, device=device)
         path = embedder_path or _local_embedder(ckpt.embedder.name)
-        return cls(ckpt, Embedder(ckpt.embedder, str(path), device=device))
+        return cls(ckpt, Embedder(ckpt.embedder, str(path), device=device, trust_remote_code=trust_embedder_code))
 
     @property
     def id(self) -> str:

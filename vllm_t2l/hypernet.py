@@ -6,9 +6,15 @@ variants. Every variant returns the same thing, a ``LoRABatch``: for each target
 
 Variants
 - ``t2l-L``: one head per module emits a whole (A, B) pair for a (layer, module) row.
-- ``t2l-M``: the head emits one matrix per call; an A/B selector embedding is mixed into the trunk.
+- ``t2l-M``: the head emits one matrix per call; a per-module A/B selector embedding is added to the trunk.
 - ``t2l-S``: the head emits one rank-row of A or one rank-column of B per call; the rank index is
   encoded with fixed sinusoids.
+
+The t2l-* variants are wired exactly as the published Text-to-LoRA code is (so its checkpoints import
+one to one): the mixer and every trunk block end with SiLU, the mixer has no residual, the last block
+(``to_head``) has none either, and per-layer ``AB_offset`` tensors are added to the reshaped A and B.
+Zhyper keeps its own wiring (mixer with a residual, blocks ending in a Linear), which ``FoldedCodes``
+relies on.
 - ``zhyper-diag`` / ``zhyper-square``: the head emits only a code z (r) or Z (r x r); one LoRA pair
   per (layer, module) is shared by all descriptions and learned with the hypernetwork:
   dW = s * B diag(z) A (or s * B Z A). dW is linear in the code, so mixing codes mixes dW exactly.
@@ -53,11 +59,13 @@ class BaseShapes:
             path = path / "config.json" if path.is_dir() else path
             config = json.loads(path.read_text())
         cfg = config.get("text_config", config)
-        hidden = cfg["hidden_size"]
-        heads = cfg["num_attention_heads"]
+        try:
+            hidden, heads, inter = cfg["hidden_size"], cfg["num_attention_heads"], cfg["intermediate_size"]
+            n_layers = cfg["num_hidden_layers"]
+        except KeyError as e:
+            raise ValueError(f"the base model's config.json lacks {e}") from None
         head_dim = cfg.get("head_dim") or hidden // heads
         kv = cfg.get("num_key_value_heads", heads) * head_dim
-        inter = cfg["intermediate_size"]
         sizes = {
             "q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv), "v_proj": (hidden, kv),
             "o_proj": (heads * head_dim, hidden),
@@ -68,7 +76,7 @@ class BaseShapes:
             raise ValueError(f"unsupported target modules {unknown}; supported: {sorted(sizes)}")
         return cls(
             name=name or cfg.get("_name_or_path") or "unknown",
-            n_layers=cfg["num_hidden_layers"],
+            n_layers=n_layers,
             modules={m: sizes[m] for m in target_modules},
         )
 
@@ -105,6 +113,8 @@ class HyperConfig:
     use_rslora: bool = True
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     dropout: float = 0.0
+    head_bias: bool = True  # published T2L folders trained on top of a multi-task LoRA have heads without bias
+    z_score: bool = False  # t2l-L/M: A and B are predicted as z-scores of per-layer targets (upstream recon)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -126,18 +136,41 @@ class HyperConfig:
         return d
 
 
-def _mlp(d_in: int, d_hidden: int, d_out: int, dropout: float) -> nn.Sequential:
+def _mlp(d_in: int, d_hidden: int, d_out: int, dropout: float, silu_out: bool = False) -> nn.Sequential:
+    """LayerNorm, Linear, SiLU, Dropout, Linear (and a last SiLU in the T2L wiring: parameter-free, so the
+    state dict's keys are the same either way)."""
     return nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, d_hidden), nn.SiLU(),
-                         nn.Dropout(dropout), nn.Linear(d_hidden, d_out))
+                         nn.Dropout(dropout), nn.Linear(d_hidden, d_out), *([nn.SiLU()] if silu_out else []))
 
 
 class Residual(nn.Module):
-    def __init__(self, d: int, dropout: float):
+    def __init__(self, d: int, dropout: float, silu_out: bool = False):
         super().__init__()
-        self.mlp = _mlp(d, 4 * d, d, dropout)
+        self.mlp = _mlp(d, 4 * d, d, dropout, silu_out)
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.mlp(x)
+
+
+class Buffers(nn.Module):
+    """Fixed tensors by module name, saved in the state dict as ``<owner>.<module>`` but never trained."""
+
+    def __init__(self, tensors: dict[str, Tensor]):
+        super().__init__()
+        for name, value in tensors.items():
+            self.register_buffer(name, value)
+
+    def __getitem__(self, name: str) -> Tensor:
+        return getattr(self, name)
+
+
+def _per_layer(shapes: BaseShapes, modules: list[str], rank: int, fill: float) -> nn.ModuleDict:
+    """``{A: {module: [L, r, in]}, B: {module: [L, out, r]}}`` filled with ``fill``."""
+    L = shapes.n_layers
+    return nn.ModuleDict({
+        "A": Buffers({m: torch.full((L, rank, shapes.modules[m][0]), fill) for m in modules}),
+        "B": Buffers({m: torch.full((L, shapes.modules[m][1], rank), fill) for m in modules}),
+    })
 
 
 def sinusoid(n: int, d: int) -> Tensor:
@@ -169,20 +202,33 @@ class HyperNet(nn.Module):
         self.module_encoder = nn.Sequential(nn.Embedding(len(self.modules_), q), nn.LayerNorm(q))
 
         # Trunk.
+        t2l = self.t2l_wiring = c.arch.startswith("t2l")
         self.mixer = nn.Sequential(nn.Dropout(c.dropout), nn.Linear(m, 4 * m), nn.SiLU(),
-                                   nn.Dropout(c.dropout), nn.Linear(4 * m, m))
-        self.block1 = Residual(m, c.dropout)
-        self.block2 = Residual(m, c.dropout)
-        self.to_head = _mlp(m, 4 * m, c.head_in, c.dropout)
+                                   nn.Dropout(c.dropout), nn.Linear(4 * m, m), *([nn.SiLU()] if t2l else []))
+        self.block1 = Residual(m, c.dropout, t2l)
+        self.block2 = Residual(m, c.dropout, t2l)
+        self.to_head = _mlp(m, 4 * m, c.head_in, c.dropout, t2l)
 
         # Variant-specific pieces.
-        if c.arch == "t2l-M":
-            self.ab_emb = nn.Parameter(torch.randn(2, m) * 0.02)
+        if c.arch == "t2l-M":  # one A and one B selector per module, through one shared LayerNorm
+            self.out_emb = nn.ModuleDict({mod: nn.ParameterDict({"A": nn.Parameter(torch.randn(m) * 0.02),
+                                                                 "B": nn.Parameter(torch.randn(m) * 0.02)})
+                                          for mod in self.modules_})
+            self.out_emb_norm = nn.LayerNorm(m)
         if c.arch == "t2l-S":
             self.register_buffer("rank_code", sinusoid(r, m), persistent=False)
             self.ab_emb = nn.Parameter(torch.randn(2, m) * 0.02)
-        self.heads = nn.ModuleDict({mod: nn.Linear(c.head_in, self._head_out(mod))
+        if c.z_score and c.arch not in ("t2l-L", "t2l-M"):
+            raise ValueError("z_score applies to t2l-L and t2l-M only")
+        if not c.head_bias and c.arch not in ("t2l-L", "t2l-M"):
+            raise ValueError("heads without bias apply to t2l-L and t2l-M only")
+        self.heads = nn.ModuleDict({mod: nn.Linear(c.head_in, self._head_out(mod), bias=c.head_bias)
                                     for mod in self.modules_})
+        if c.arch in ("t2l-L", "t2l-M"):
+            self.AB_offset = _per_layer(shapes, self.modules_, r, 0.0)
+            if c.z_score:
+                self.mean_recon_target = _per_layer(shapes, self.modules_, r, 0.0)
+                self.std_recon_target = _per_layer(shapes, self.modules_, r, 1.0)
         if c.arch.startswith("zhyper"):
             self.shared_A = nn.ParameterDict({mod: nn.Parameter(torch.empty(L, r, shapes.modules[mod][0]))
                                               for mod in self.modules_})
@@ -198,28 +244,31 @@ class HyperNet(nn.Module):
 
     def _offset_shape(self, mod: str) -> tuple[int, ...]:
         n = self._head_out(mod)
-        return {"t2l-M": (2, n), "t2l-S": (2, self.config.rank, n)}.get(self.config.arch, (n,))
+        return (2, self.config.rank, n) if self.config.arch == "t2l-S" else (n,)
 
     @torch.no_grad()
     def reset_heads(self) -> None:
         """Start from a standard LoRA init: zero head weights, a fixed offset that emits A random, B = 0.
 
         Step 0 of training is then an ordinary LoRA fine-tune and every adapter starts as a no-op.
-        The offset is a buffer (saved, not trained) so the A and B calls of t2l-M/S can differ.
+        The offset is a buffer (saved, not trained): for t2l-L/M it is upstream's per-layer ``AB_offset``
+        (A random per layer, B zero), for t2l-S and Zhyper one flat offset on the head's output.
         """
         r, arch = self.config.rank, self.config.arch
         for mod, head in self.heads.items():
             d_in, _ = self.shapes.modules[mod]
             head.weight.zero_()
-            head.bias.zero_()
+            if head.bias is not None:
+                head.bias.zero_()
+            if arch in ("t2l-L", "t2l-M"):
+                for i in range(self.shapes.n_layers):
+                    nn.init.kaiming_uniform_(self.AB_offset["A"][mod][i], a=math.sqrt(5))
+                self.AB_offset["B"][mod].zero_()
+                continue
             a = torch.empty(r, d_in)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             off = torch.zeros(self._offset_shape(mod))
-            if arch == "t2l-L":
-                off[: r * d_in] = a.flatten()
-            elif arch == "t2l-M":
-                off[0, : r * d_in] = a.flatten()
-            elif arch == "t2l-S":
+            if arch == "t2l-S":
                 off[0, :, :d_in] = a
             elif arch == "zhyper-diag":
                 off[:] = 1.0
@@ -232,7 +281,8 @@ class HyperNet(nn.Module):
                 self.shared_B[mod].zero_()
 
     def _head(self, mod: str, h: Tensor) -> Tensor:
-        return self.heads[mod](h) + getattr(self, f"offset_{mod}")
+        y = self.heads[mod](h)
+        return y if self.config.arch in ("t2l-L", "t2l-M") else y + getattr(self, f"offset_{mod}")
 
     # ---- forward -------------------------------------------------------------------------
 
@@ -249,15 +299,17 @@ class HyperNet(nn.Module):
         n, (L, M, _) = emb.shape[0], rows.shape
         task = self.task_encoder(emb)[:, None, None, :].expand(n, L, M, -1)
         x = torch.cat([task, rows.expand(n, L, M, -1)], dim=-1)
-        return self.block1(x + self.mixer(x))
+        return self.block1(self.mixer(x) if self.t2l_wiring else x + self.mixer(x))
 
     def forward(self, emb: Tensor) -> LoRABatch:
         if self.config.arch.startswith("zhyper"):
             return self.from_codes(self.codes(emb))
         x = self._trunk_in(emb)
         arch, r = self.config.arch, self.config.rank
-        if arch == "t2l-M":  # [N, L, M, 2, latent]: one call for A, one for B
-            x = x[..., None, :] + self.ab_emb
+        if arch == "t2l-M":  # [N, L, M, 2, latent]: one call for A, one for B, with the module's selectors
+            sel = torch.stack([torch.stack([self.out_emb[mod]["A"], self.out_emb[mod]["B"]])
+                               for mod in self.modules_])
+            x = x[..., None, :] + self.out_emb_norm(sel)
         elif arch == "t2l-S":  # [N, L, M, 2, r, latent]: one call per rank index, for A and for B
             x = x[..., None, None, :] + self.ab_emb[:, None, :] + self.rank_code
         h = self.to_head(self.block2(x))
@@ -265,17 +317,28 @@ class HyperNet(nn.Module):
         for j, mod in enumerate(self.modules_):
             d_in, d_out = self.shapes.modules[mod]
             y = self._head(mod, h[:, :, j])
-            if arch == "t2l-L":
+            if arch == "t2l-L":  # A row-major [r, in], then B laid out [r, out]
                 A = y[..., : r * d_in].unflatten(-1, (r, d_in))
-                B = y[..., r * d_in:].unflatten(-1, (d_out, r))
-            elif arch == "t2l-M":
-                A = y[..., 0, : r * d_in].unflatten(-1, (r, d_in))
-                B = y[..., 1, : d_out * r].unflatten(-1, (d_out, r))
+                B = y[..., r * d_in:].unflatten(-1, (r, d_out)).transpose(-1, -2)
+            elif arch == "t2l-M":  # each call [r, max(in, out)]: a per-rank slice of its first in / out columns
+                y = y.unflatten(-1, (r, max(d_in, d_out)))
+                A = y[..., 0, :, :d_in]
+                B = y[..., 1, :, :d_out].transpose(-1, -2)
             else:  # t2l-S: rows of A, columns of B
                 A = y[..., 0, :, :d_in]
                 B = y[..., 1, :, :d_out].transpose(-1, -2)
+            if arch in ("t2l-L", "t2l-M"):
+                A, B = self._per_layer_out(mod, A, B)
             out[mod] = (A, B)
         return out
+
+    def _per_layer_out(self, mod: str, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+        """Upstream's last step: un-z-score against per-layer targets (recon), then add the per-layer offset."""
+        if self.config.z_score:
+            mean, std = self.mean_recon_target, self.std_recon_target
+            A = A * (std["A"][mod] + 1e-10) + mean["A"][mod]
+            B = B * (std["B"][mod] + 1e-10) + mean["B"][mod]
+        return A + self.AB_offset["A"][mod], B + self.AB_offset["B"][mod]
 
     def codes(self, emb: Tensor) -> dict[str, Tensor]:
         """Zhyper only: per-module codes [N, L, r] (diag) or [N, L, r, r] (square)."""

@@ -46,11 +46,23 @@ def test_parses_every_kind():
 
 def test_every_field_has_a_variable():
     # each field is reachable through its variable: set them all to a valid value of their type
-    samples = {int: "5", float: "0.5", str: "x"}
-    env = {f"VLLM_T2L_{f.name.upper()}": samples[type(getattr(Settings, f.name))] for f in fields(Settings)}
+    samples = {int: ("5", 5), float: ("0.5", 0.5), str: ("x", "x"), bool: ("1", True)}
+    env = {f"VLLM_T2L_{f.name.upper()}": samples[type(getattr(Settings, f.name))][0] for f in fields(Settings)}
     s = Settings.from_env(env)
     for f in fields(Settings):
-        assert getattr(s, f.name) == type(getattr(Settings, f.name))(samples[type(getattr(Settings, f.name))])
+        assert getattr(s, f.name) == samples[type(getattr(Settings, f.name))][1]
+
+
+@pytest.mark.parametrize("raw, value", [("1", True), ("true", True), ("on", True), ("0", False), ("false", False),
+                                        ("", False), ("No", False)])
+def test_switches_read_on_and_off(raw, value):
+    """bool("0") is True: a switch reads its words, not Python's truthiness."""
+    assert Settings.from_env({"VLLM_T2L_TRUST_EMBEDDER_CODE": raw}).trust_embedder_code is value
+
+
+def test_bad_switch_is_named():
+    with pytest.raises(ValueError, match="VLLM_T2L_TRUST_EMBEDDER_CODE='maybe'"):
+        Settings.from_env({"VLLM_T2L_TRUST_EMBEDDER_CODE": "maybe"})
 
 
 def test_reads_os_environ(monkeypatch):

@@ -28,6 +28,7 @@ class Settings:
 
     checkpoint: str = ""  # empty: the embedded default checkpoint
     embedder: str = ""  # empty: the path recorded in the checkpoint, else the embedded MiniLM
+    trust_embedder_code: bool = False  # let the embedder run its own modelling code (gte-large-en-v1.5 ships some)
     catalog: str = ""  # JSON file {name: description} for t2l:@name
     cache_dir: str = ""  # empty: <VLLM_T2L_HOME>/adapters
     cache_max_adapters: int = 256
@@ -53,7 +54,7 @@ class Settings:
             if raw is not None:
                 kind = type(getattr(cls, f.name))
                 try:
-                    value = kind(raw)
+                    value = _flag(raw) if kind is bool else kind(raw)
                     if kind in (int, float) and not (math.isfinite(value) and value >= 0):
                         raise ValueError
                 except ValueError:
@@ -65,6 +66,16 @@ class Settings:
     @property
     def limits(self) -> NameLimits:
         return NameLimits(self.max_chars, self.max_terms, self.max_abs_weight, self.max_strength)
+
+
+def _flag(raw: str) -> bool:
+    """An on/off environment value; bool("0") would read as on."""
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(raw)
 
 
 class AdapterRequestError(Exception):
@@ -103,7 +114,8 @@ class T2LResolver(LoRAResolver):
         device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cpu" and s.cpu_threads:
             torch.set_num_threads(s.cpu_threads)
-        self.generator = Generator.load(s.checkpoint or DEFAULT_CHECKPOINT, s.embedder or None, device)
+        self.generator = Generator.load(s.checkpoint or DEFAULT_CHECKPOINT, s.embedder or None, device,
+                                        trust_embedder_code=s.trust_embedder_code)
         ckpt = self.generator.checkpoint
         served = BaseShapes.from_config(served_config, ckpt.config.target_modules, name=base_model)
         ckpt.check_base(served)
