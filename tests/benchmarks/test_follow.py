@@ -1,0 +1,49 @@
+"""The follow benchmark's descriptions and attribute counters (the served run: `python -m benchmarks.follow`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.control import check_unseen
+from benchmarks.follow import MEASURES, adapter_name, bars, load_descriptions, repetition
+
+
+def test_descriptions_are_many_varied_and_unseen_in_training():
+    rows = load_descriptions()
+    assert len(rows) >= 40 and len({r["behaviour"] for r in rows}) >= 10
+    check_unseen([r["description"] for r in rows])
+
+
+@pytest.mark.parametrize("measure, param, low, high", [
+    ("words", None, "Yes.", "Boil the water, then add the egg and wait."),
+    ("upper_share", None, "Boil it.", "BOIL IT."),
+    ("bullets", None, "Boil it. Then eat it.", "- Boil it.\n- Eat it."),
+    ("ends_with", "Namaste", "Namaste, friend.", "Boil it. Namaste!"),
+    ("line_error", 2, "One.\nTwo.", "One.\nTwo.\nThree.\nFour."),
+    ("pirate", None, "Boil the egg.", "Arr, matey, boil the egg!"),
+    ("exclamations", None, "Boil it.", "Boil it! Now!"),
+    ("food", None, "Run fast.", "Season the sauce like a chef."),
+    ("sports", None, "Boil it.", "The team scored a goal."),
+    ("question_end", None, "Boil it.", "Boil it. Ready?"),
+])
+def test_measures_order_answers(measure, param, low, high):
+    assert MEASURES[measure](low, param) < MEASURES[measure](high, param)
+
+
+def test_repetition_sees_loops():
+    assert repetition("a rainbow. a rainbow. a rainbow. a rainbow.") > 0.5
+    assert repetition("Boil the water, then add the egg.") == 0
+
+
+def test_adapter_names_carry_the_strength():
+    assert adapter_name("Be brief.", 1.0) == "t2l:Be brief."
+    assert adapter_name("Be brief.", 2.5) == "t2l[strength=2.5]:Be brief."
+
+
+def test_bars_read_the_recommended_strength_against_the_system_prompt():
+    summary = {"system prompt": {"moved": 0.6, "median_shift": 0.4, "median_ppl": 2.0},
+               "strength 2": {"moved": 0.95, "median_shift": 0.8, "median_ppl": 2.9}}
+    b = bars({"summary": summary, "recommended": 2.0})
+    assert b["moved_met"] and b["shift_met"] and b["ppl_met"] and b["shift_ratio"] == pytest.approx(2.0)
+    summary["strength 2"]["median_ppl"] = 3.01  # 1.505x the system prompt's
+    assert not bars({"summary": summary, "recommended": 2.0})["ppl_met"]
