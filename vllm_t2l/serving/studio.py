@@ -24,6 +24,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, RedirectResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
 from vllm_t2l import codes, names
@@ -137,10 +138,19 @@ def _studio(request: Request) -> Studio:
     return studio
 
 
-def _body_limit(request: Request) -> None:
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-        raise HTTPException(413, f"request body is over the {MAX_BODY // 1024} KiB limit")
+class LimitedRoute(APIRoute):
+    """Refuses an oversized body before FastAPI reads it (and so before it is parsed)."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def limited(request: Request) -> Response:
+            length = request.headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+                raise HTTPException(413, f"request body is over the {MAX_BODY // 1024} KiB limit")
+            return await handler(request)
+
+        return limited
 
 
 # ---- names -----------------------------------------------------------------------------------
@@ -164,7 +174,11 @@ def _recipe_name(recipe: Recipe | AdapterRequest, studio: Studio) -> str:
     spec = names.spec_from_parts(recipe.descriptions, recipe.weights, recipe.mode, studio.resolver.catalog,
                                  limits, recipe.strength)
     name = model_name(CatalogEntry(spec.terms, spec.mode, spec.strength))
-    if names.parse(name, studio.resolver.catalog, limits) != spec:
+    try:
+        same = names.parse(name, studio.resolver.catalog, limits) == spec
+    except AdapterNameError:
+        same = False
+    if not same:
         raise AdapterNameError("a description in a mix cannot contain '||'")
     return name
 
@@ -180,7 +194,7 @@ def _bad(e: Exception) -> HTTPException:
 
 # ---- routes ----------------------------------------------------------------------------------
 
-router = APIRouter(prefix="/v1/t2l", tags=["vllm-t2l studio"], dependencies=[Depends(_body_limit)])
+router = APIRouter(prefix="/v1/t2l", tags=["vllm-t2l studio"], route_class=LimitedRoute)
 CatalogName = Annotated[str, PathParam(description="letters, digits, '_', '.', '-'; at most 64")]
 StudioDep = Annotated[Studio, Depends(_studio)]
 
