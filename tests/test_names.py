@@ -293,3 +293,37 @@ def test_strength_limit_configurable_and_in_spec_from_parts():
     assert spec_from_parts(["a"], strength=2) == parse("t2l[strength=2]:a")
     with pytest.raises(AdapterNameError, match="outside"):
         spec_from_parts(["a"], strength=0)
+
+
+# ---- saved mixes in the catalog ----------------------------------------------------------------
+
+def test_catalog_entry_mix_and_strength():
+    from vllm_t2l.names import CatalogEntry, catalog_entry
+
+    cat = {"ab": catalog_entry({"descriptions": ["a", " b "], "weights": [0.5, 0.25], "strength": 2}),
+           "e": catalog_entry({"descriptions": ["a", "b"], "mode": "emb"}), "p": "plain",
+           "s": catalog_entry({"descriptions": ["a"], "strength": 2})}
+    assert cat["ab"] == CatalogEntry((("a", 0.5), ("b", 0.25)), "weight", 2.0)
+    assert parse("t2l:@ab", cat) == parse("t2l-mix[strength=2]:0.5*a||0.25*b")
+    assert parse("t2l[strength=1.5]:@ab", cat).strength == 3.0
+    # inside a weight mix the entry's strength folds into its weights (exact: the update is linear)
+    assert parse("t2l-mix:1*@ab||1*@p", cat).terms == (("a", 1.0), ("b", 0.5), ("plain", 1.0))
+    assert parse("t2l-mix[emb]:0.5*@e||0.5*c", cat).terms == (("a", 0.5), ("b", 0.5), ("c", 0.5))
+    with pytest.raises(AdapterNameError, match=r"\[emb\] mix"):
+        parse("t2l-mix:1*@e", cat)
+    with pytest.raises(AdapterNameError, match="strength 2"):
+        parse("t2l-mix[emb]:1*@s", cat)
+    with pytest.raises(AdapterNameError, match="outside"):
+        parse("t2l[strength=3]:@ab", cat)
+    with pytest.raises(AdapterNameError, match="once its catalog names are expanded"):
+        parse("t2l-mix:" + "||".join(["1*@ab"] * 5), cat)
+
+
+def test_load_catalog_with_entries(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"a": "plain", "m": {"descriptions": ["x", "y"], "weights": [1, -1]}}))
+    loaded = load_catalog(p)
+    assert loaded["a"] == "plain" and loaded["m"].terms == (("x", 1.0), ("y", -1.0))
+    p.write_text(json.dumps({"m": {"descriptions": []}}))
+    with pytest.raises(ValueError, match="entry 'm' needs 'descriptions'"):
+        load_catalog(p)

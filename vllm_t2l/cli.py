@@ -34,6 +34,22 @@ def _target_modules(checkpoint: str | None) -> list[str]:
     return list(read_config(folder)[1].target_modules)
 
 
+STUDIO_PLUGIN = "vllm_t2l_studio"
+# Plugin groups VLLM_PLUGINS also filters; vLLM enables its hub resolver only when it is named explicitly.
+_FILTERED_GROUPS = ("vllm.general_plugins", "vllm.platform_plugins", "vllm.stat_logger_plugins",
+                    "vllm.io_processor_plugins")
+_OPT_IN = {"lora_hf_hub_resolver"}
+
+
+def plugins_allowlist() -> str:
+    """VLLM_PLUGINS for `serve`: vLLM loads endpoint plugins (the studio) only when it names them, and a set
+    VLLM_PLUGINS also limits every other group, so it lists every plugin that would load without it too."""
+    from importlib.metadata import entry_points
+
+    found = {ep.name for group in _FILTERED_GROUPS for ep in entry_points(group=group)} - _OPT_IN
+    return ",".join(sorted(found | {"vllm_t2l", STUDIO_PLUGIN}))
+
+
 def serve_command(vllm_args: list[str], checkpoint: str | None, catalog: str | None,
                   cache_dir: str | None, trust_embedder_code: bool = False) -> tuple[list[str], dict[str, str]]:
     """The argv and environment that start vLLM's OpenAI server with the plugin ready."""
@@ -51,6 +67,7 @@ def serve_command(vllm_args: list[str], checkpoint: str | None, catalog: str | N
     if not _flag_given(args, "--lora-target-modules"):
         extra += ["--lora-target-modules", *_target_modules(checkpoint)]
     env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="1")
+    env.setdefault("VLLM_PLUGINS", plugins_allowlist())  # one set by the user is kept as it is
     if not on_gpu:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     for key, value in (("CHECKPOINT", checkpoint), ("CATALOG", catalog), ("CACHE_DIR", cache_dir)):

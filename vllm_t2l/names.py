@@ -3,7 +3,7 @@
 Grammar (documented in README.md):
 
     t2l:<description>                      an inline description
-    t2l:@<catalog-name>                    a description from the server's catalog file
+    t2l:@<catalog-name>                    a description, or a saved mix, from the server's catalog file
     t2l-mix:<w>*<term>||<w>*<term>...      a weighted mix; each term is a description or @name
     t2l-mix[emb]:...                       the same mix, in description (embedding) space
     t2l[strength=S]:<description>          the adapter's update scaled by S (also t2l-mix[emb,strength=S]:)
@@ -49,6 +49,57 @@ class NameLimits:
 
 
 @dataclass(frozen=True)
+class CatalogEntry:
+    """A saved recipe behind ``t2l:@name`` when it is more than one description: a mix and a strength.
+
+    In the catalog file a plain string still means one description; an object holds
+    ``{"descriptions": [...], "weights": [...], "mode": "weight"|"emb", "strength": S}``.
+    """
+
+    terms: tuple[tuple[str, float], ...]
+    mode: Mode = "weight"
+    strength: float = 1.0
+
+    @property
+    def plain(self) -> bool:
+        return len(self.terms) == 1 and self.terms[0][1] == 1.0 and self.mode == "weight" and self.strength == 1.0
+
+    def to_json(self) -> str | dict:
+        if self.plain:
+            return self.terms[0][0]
+        return {"descriptions": [d for d, _ in self.terms], "weights": [w for _, w in self.terms],
+                "mode": self.mode, "strength": self.strength}
+
+
+Catalog = Mapping[str, "str | CatalogEntry"]
+
+
+def catalog_entry(value: object, limits: NameLimits = NameLimits()) -> CatalogEntry:
+    """A catalog value (a string, or an object as in ``CatalogEntry``) checked and normalised."""
+    if isinstance(value, CatalogEntry):
+        value = value.to_json()
+    if isinstance(value, str):
+        return CatalogEntry(((normalise(value, limits), 1.0),))
+    if not isinstance(value, dict):
+        raise AdapterNameError("is not a string or an object")
+    unknown = sorted(set(value) - {"descriptions", "weights", "mode", "strength"})
+    if unknown:
+        raise AdapterNameError(f"has unknown fields {unknown}")
+    descriptions = value.get("descriptions")
+    if not isinstance(descriptions, list) or not descriptions or not all(isinstance(d, str) for d in descriptions):
+        raise AdapterNameError("needs 'descriptions': a non-empty list of strings")
+    weights = value.get("weights", [1.0] * len(descriptions))
+    if not isinstance(weights, list) or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                                for w in weights):
+        raise AdapterNameError("'weights' must be a list of numbers")
+    if any(d.lstrip().startswith("@") for d in descriptions):
+        raise AdapterNameError("descriptions of a catalog entry cannot name other catalog entries")
+    spec = spec_from_parts(descriptions, [float(w) for w in weights], value.get("mode", "weight"), None, limits,
+                           value.get("strength", 1.0))
+    return CatalogEntry(spec.terms, spec.mode, spec.strength)
+
+
+@dataclass(frozen=True)
 class AdapterSpec:
     """What to generate: normalised descriptions with weights, and how to mix them."""
 
@@ -91,18 +142,37 @@ def normalise(text: str, limits: NameLimits = NameLimits()) -> str:
     return text
 
 
-def _description(term: str, catalog: Mapping[str, str], limits: NameLimits) -> str:
-    if term.startswith("@"):
-        key = term[1:].strip()
-        if not CATALOG_NAME.match(key):
-            raise AdapterNameError(f"catalog name {key!r} is malformed: use letters, digits, '_', '.', '-'")
-        if key not in catalog:
-            raise AdapterNameError(f"catalog name {key!r} is not in the server's catalog")
-        return normalise(catalog[key], limits)
-    return normalise(term, limits)
+def _lookup(term: str, catalog: Catalog) -> tuple[str, str | CatalogEntry]:
+    key = term[1:].strip()
+    if not CATALOG_NAME.match(key):
+        raise AdapterNameError(f"catalog name {key!r} is malformed: use letters, digits, '_', '.', '-'")
+    if key not in catalog:
+        raise AdapterNameError(f"catalog name {key!r} is not in the server's catalog")
+    return key, catalog[key]
 
 
-def parse(name: str, catalog: Mapping[str, str] | None = None,
+def _terms(term: str, weight: float, mode: Mode, catalog: Catalog, limits: NameLimits) -> list[tuple[str, float]]:
+    """The (description, weight) pairs one mix term stands for; a saved mix expands into its own terms.
+
+    Expanding is exact because both mixes are linear: in weight space the entry's strength folds into its
+    weights; in description space only an entry that is itself a description-space mix at strength 1 fits.
+    """
+    if not term.startswith("@"):
+        return [(normalise(term, limits), weight)]
+    key, value = _lookup(term, catalog)
+    if isinstance(value, str):
+        return [(normalise(value, limits), weight)]
+    if len(value.terms) > 1 and value.mode != mode:
+        raise AdapterNameError(f"catalog name {key!r} is a [{value.mode}] mix; use it alone or in a "
+                               f"t2l-mix[{value.mode}]")
+    if value.strength != 1.0 and mode == "emb":
+        raise AdapterNameError(f"catalog name {key!r} has strength {value.strength:g}, which a t2l-mix[emb] "
+                               "cannot fold in; use it alone or in a weight-space mix")
+    scale = weight * (value.strength if mode == "weight" else 1.0)
+    return [(normalise(d, limits), scale * w) for d, w in value.terms]
+
+
+def parse(name: str, catalog: Catalog | None = None,
           limits: NameLimits = NameLimits()) -> AdapterSpec:
     catalog = catalog or {}
     head = HEAD.match(name)
@@ -113,7 +183,12 @@ def parse(name: str, catalog: Mapping[str, str] | None = None,
     mode, strength = _options(head.group(2), mix, limits)
     body = name[head.end():]
     if not mix:
-        return AdapterSpec(((_description(body, catalog, limits), 1.0),), strength=strength)
+        if body.startswith("@"):
+            key, value = _lookup(body, catalog)
+            if isinstance(value, CatalogEntry):
+                entry = catalog_entry(value, limits)
+                return AdapterSpec(entry.terms, entry.mode, check_strength(entry.strength * strength, limits))
+        return AdapterSpec(tuple(_terms(body, 1.0, "weight", catalog, limits)), strength=strength)
     raw_terms = [raw.partition("*") for raw in body.split("||")]
     for i, (_, star, _) in enumerate(raw_terms, 1):
         if not star:
@@ -149,7 +224,7 @@ def check_strength(value: str | float, limits: NameLimits = NameLimits()) -> flo
     return strength
 
 
-def _spec(raw_terms: list[tuple[str, str]], mode: Mode, catalog: Mapping[str, str],
+def _spec(raw_terms: list[tuple[str, str]], mode: Mode, catalog: Catalog,
           limits: NameLimits, strength: float = 1.0) -> AdapterSpec:
     if len(raw_terms) > limits.max_terms:
         raise AdapterNameError(f"mix has {len(raw_terms)} terms; the limit is {limits.max_terms}")
@@ -166,12 +241,15 @@ def _spec(raw_terms: list[tuple[str, str]], mode: Mode, catalog: Mapping[str, st
         if abs(weight) > limits.max_abs_weight:
             bound = limits.max_abs_weight
             raise AdapterNameError(f"mix term {i}: weight {weight} is outside [-{bound}, {bound}]")
-        terms.append((_description(text, catalog, limits), weight))
+        terms += _terms(text, weight, mode, catalog, limits)
+    if len(terms) > limits.max_terms:
+        raise AdapterNameError(f"mix has {len(terms)} terms once its catalog names are expanded; "
+                               f"the limit is {limits.max_terms}")
     return AdapterSpec(tuple(terms), mode, strength)
 
 
 def spec_from_parts(descriptions: list[str], weights: list[float] | None = None,
-                    mode: Mode = "weight", catalog: Mapping[str, str] | None = None,
+                    mode: Mode = "weight", catalog: Catalog | None = None,
                     limits: NameLimits = NameLimits(), strength: float = 1.0) -> AdapterSpec:
     """The spec a name would give, from already separated parts (the CLI and Python API use this)."""
     if weights is None:
@@ -184,15 +262,23 @@ def spec_from_parts(descriptions: list[str], weights: list[float] | None = None,
                  check_strength(strength, limits))
 
 
-def load_catalog(path: str | Path) -> dict[str, str]:
-    """A JSON object {name: description}; checked once at start so bad entries fail loudly."""
+def load_catalog(path: str | Path) -> dict[str, str | CatalogEntry]:
+    """A JSON object {name: description or entry object}; checked once at start so bad entries fail loudly."""
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     if not isinstance(data, dict):
         raise ValueError(f"catalog {path} must be a JSON object of name -> description")
+    out: dict[str, str | CatalogEntry] = {}
     for key, value in data.items():
         if not CATALOG_NAME.match(key):
             raise ValueError(f"catalog {path}: name {key!r} is malformed")
-        if not isinstance(value, str):
-            raise ValueError(f"catalog {path}: description of {key!r} is not a string")
-        normalise(value)
-    return data
+        if isinstance(value, str):
+            normalise(value)
+            out[key] = value
+        elif isinstance(value, dict):
+            try:
+                out[key] = catalog_entry(value)
+            except AdapterNameError as e:
+                raise ValueError(f"catalog {path}: entry {key!r} {e}") from None
+        else:
+            raise ValueError(f"catalog {path}: description of {key!r} is not a string or an object")
+    return out
