@@ -83,7 +83,8 @@ def _bars(out: Path) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, apart from running it, so that the docs' commands can be checked against it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     names = [b.name for b in BENCHMARKS]
     parser.add_argument("--only", default="", help=f"comma-separated subset of {','.join(names)}")
@@ -94,7 +95,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small settings, results in a temporary folder: checks "
                         f"the pipeline only (leaves out {unquick})")
     parser.add_argument("--out", type=Path, help=f"results folder (default: {report.RESULTS})")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
+    names = [b.name for b in BENCHMARKS]
     if args.out is None:
         args.out = Path(tempfile.mkdtemp(prefix="t2l-bench-quick-")) if args.quick else report.RESULTS
     only = [n for n in args.only.split(",") if n]

@@ -132,7 +132,8 @@ def plot(rows: list[dict], s: dict, path: Path) -> None:
     report.save_figure(fig, path)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, apart from running it, so that the docs' commands can be checked against it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # One TTFT varies by about 25 ms here, as much as the extra times compared; 60 keeps the medians' error near 4 ms
     parser.add_argument("--descriptions", type=int, default=60, help="never-seen descriptions measured")
@@ -140,7 +141,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=report.RESULTS)
     parser.add_argument("--checkpoint", help="serve this checkpoint (default: the embedded one)")
     parser.add_argument("server_args", nargs="*", help="extra flags for `vllm-t2l serve` (after --)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     descs = descriptions(args.descriptions + WARMUP)
     with tempfile.TemporaryDirectory(prefix="t2l-cold-") as tmp:
         fs_root = Path(tmp) / "fs"

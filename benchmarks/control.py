@@ -50,9 +50,9 @@ class Pair:
 
 # Worded like the training families (length, persona, register, tone), but none is a training prompt. Each side is
 # the candidate wording whose generated ADAPTER moved its attribute most on training queries
-# (benchmarks/control_screen.py, screen.md; ties go to the first listed): an adapter can only dial between what its
-# two endpoint adapters do. Capital letters and sports-vs-food analogies are not pairs: neither the base model's
-# system prompts nor the adapters move them (screen.md).
+# (benchmarks/diagnostics/control_screen.py, screen.md; ties go to the first listed): an adapter can only dial
+# between what its two endpoint adapters do. Capital letters and sports-vs-food analogies are not pairs: neither the
+# base model's system prompts nor the adapters move them (screen.md).
 PAIRS = [
     Pair("length", "words", "Please keep your replies as short as you can: a few words at most.",
          "Write a long, thorough explanation covering every aspect of the question."),
@@ -129,7 +129,8 @@ def pick_grid(points: int) -> list[float]:
     return sorted({GRID[i] for i in idx} | {0.0, 1.0})
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, apart from running it, so that the docs' commands can be checked against it."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     parser.add_argument("--pairs", type=int, default=len(PAIRS), help="use the first N pairs")
@@ -141,7 +142,11 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/control")
     parser.add_argument("--work", default="runs/control")
     parser.add_argument("--report", metavar="JSON", help="only rewrite the tables and plot from a control.json")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.report:
         report(json.loads(Path(args.report).read_text()), Path(args.out))
         return

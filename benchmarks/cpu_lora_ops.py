@@ -142,11 +142,16 @@ def _time(fns, rounds=5, seconds=0.04) -> list[float]:
     return [statistics.quantiles(s, n=10)[0] for s in samples]
 
 
-def main() -> str:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, apart from running it, so that the docs' commands can be checked against it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=report.RESULTS)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> str:
+    args = build_parser().parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     original = {name: getattr(lora_ops, name) for name in cpu_ops.GROUPED_OPS}

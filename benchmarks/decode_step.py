@@ -34,12 +34,17 @@ def ms_per_token(url: str, model: str, tokens: int) -> float:
     return (time.perf_counter() - started) / tokens * 1e3
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, apart from running it, so that the docs' commands can be checked against it."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     with ServerProcess(["--max-loras", "4"], log=Path(args.out) / "logs" / "decode_step.log").start() as server:
         url = f"{server.base_url}/v1/completions"
         models = {"base": base_model_name(server), "adapter": ADAPTER}

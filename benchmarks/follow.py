@@ -108,7 +108,8 @@ def summarise(rows: list[dict], conditions: list[str]) -> dict[str, dict]:
     return out
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, apart from running it, so that the docs' commands can be checked against it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     parser.add_argument("--queries", type=int, default=4, help="held-out queries, spread over the split")
@@ -121,7 +122,11 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=16, help="requests in flight")
     parser.add_argument("--out", type=Path, default=report.RESULTS / "follow")
     parser.add_argument("--report", metavar="JSON", help="only rewrite the table and plot from a follow.json")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.report:
         write_report(json.loads(Path(args.report).read_text()), args.out)
         return

@@ -38,13 +38,18 @@ def timed(fn, repeats: int) -> list[float]:
 
 
 @torch.no_grad()
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, apart from running it, so that the docs' commands can be checked against it."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--batches", default="1,4,16,64")
     parser.add_argument("--out", type=Path, default=report.RESULTS)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     threads = torch.get_num_threads()

@@ -20,7 +20,8 @@ from vllm_t2l.train.evaluate import EvalConfig, evaluate
 from vllm_t2l.train.loop import TrainConfig, train
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, apart from running it, so that the docs' commands can be checked against it."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     parser.add_argument("--teacher-cache", default="runs/zhyper-diag/teacher-train.pt",
@@ -30,7 +31,11 @@ def main() -> None:
     parser.add_argument("--oracle-steps", type=int, default=40)
     parser.add_argument("--compare", default="", help="more checkpoints (comma-separated) reported beside it")
     parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     runs = Path("runs")
     multitask = runs / "multitask"

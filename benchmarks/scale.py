@@ -108,7 +108,8 @@ def plot(rows: list[dict], samples: list[dict], s: dict, chunk: int, path: Path)
     report.save_figure(fig, path)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, apart from running it, so that the docs' commands can be checked against it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=2000, help="distinct descriptions, one request each")
     parser.add_argument("--max-tokens", type=int, default=4)
@@ -119,7 +120,11 @@ def main() -> None:
     parser.add_argument("--sample-every", type=int, default=10, help="requests between memory samples")
     parser.add_argument("--out", type=Path, default=report.RESULTS)
     parser.add_argument("server_args", nargs="*", help="extra flags for `vllm-t2l serve` (after --)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     descs = descriptions(args.n)
     env = {"VLLM_T2L_CACHE_MAX_ADAPTERS": str(args.cache_max_adapters), "VLLM_T2L_CACHE_GRACE_S": str(args.grace_s)}
     flags = ["--max-cpu-loras", str(args.max_cpu_loras), *args.server_args]

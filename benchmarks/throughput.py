@@ -157,7 +157,8 @@ def plot(cells: list[dict], path: Path) -> None:
     report.save_figure(fig, path)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, apart from running it, so that the docs' commands can be checked against it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--k", default="1,4,16,64", help="comma-separated numbers of distinct descriptions")
     parser.add_argument("--setups", default=",".join(SETUPS))
@@ -170,7 +171,11 @@ def main() -> None:
     parser.add_argument("--t2l-cache", type=int, default=32, help="VLLM_T2L_CACHE_MAX_ADAPTERS")
     parser.add_argument("--out", type=Path, default=report.RESULTS)
     parser.add_argument("server_args", nargs="*", help="extra flags for `vllm-t2l serve` (after --)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     ks = [int(k) for k in args.k.split(",")]
     setups = args.setups.split(",")
     from vllm_t2l.models import prepare_default_model

@@ -199,8 +199,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
 
-def _main(argv: list[str] | None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand's flags; `serve` leaves the flags it does not know to vLLM (parse_known_args)."""
     parser = _Parser(prog="vllm-t2l", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -257,7 +257,12 @@ def _main(argv: list[str] | None) -> None:
     _dataclass_flags(p, TrainConfig)
     p = sub.add_parser("eval", help="held-out quality of generated adapters vs baselines")
     _dataclass_flags(p, EvalConfig)
+    return parser
 
+
+def _main(argv: list[str] | None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
     ns, rest = parser.parse_known_args(argv)
     if ns.command == "serve":
         return cmd_serve(ns, rest)

@@ -1,15 +1,15 @@
 """What do a checkpoint's adapters do with a few wordings? Greedy answers through Hugging Face transformers, no
 vLLM server, so it runs in a minute beside a training run.
 
-    .venv/bin/python -m benchmarks.adapter_probe runs/zdial3/checkpoint "Be terse." "Be verbose."
-    .venv/bin/python -m benchmarks.adapter_probe CKPT "Talk like a pirate." --strengths 1,2,3 --system-prompt
+    .venv/bin/python -m benchmarks.diagnostics.adapter_probe runs/zdial3/checkpoint "Be terse." "Be verbose."
+    .venv/bin/python -m benchmarks.diagnostics.adapter_probe CKPT "Talk like a pirate." --strengths 1,2,3 \\
+        --system-prompt
 
 Answers the first ``--queries`` held-out queries (greedy, at most ``--max-tokens``) with each wording's
-generated adapter and prints the mean of every measure of ``vllm_t2l/train/checks.py``, how many answers open with a
-dial rule's phrase (benchmarks/openers.py), the adapter's size (Frobenius norm of its whole update) and the first
-answer,
-then how near each wording's embedding lies to each dial pole's training wordings (mean cosine): a dial can only
-reach a wording its embedder puts near the right pole.
+generated adapter and prints the mean of every measure of ``vllm_t2l/train/checks.py``, how many answers open
+with a dial rule's phrase (benchmarks/diagnostics/openers.py), the adapter's size (Frobenius norm of its whole
+update) and the first answer, then how near each wording's embedding lies to each dial pole's training wordings
+(mean cosine): a dial can only reach a wording its embedder puts near the right pole.
 A diagnostic, not a benchmark: the control curves (benchmarks/control.py) are the measurement.
 """
 
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.control import spread
-from benchmarks.openers import opener_counts
+from benchmarks.diagnostics.openers import opener_counts
 from vllm_t2l.generator import Generator
 from vllm_t2l.models import prepare_default_model
 from vllm_t2l.names import spec_from_parts
@@ -33,7 +33,8 @@ from vllm_t2l.train.student import Student
 SHOWN = ("words", "sentiment", "formality", "pirate")
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, apart from running it, so that the docs' commands can be checked against it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint")
     parser.add_argument("wordings", nargs="+")
@@ -42,7 +43,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strengths", default="1", help="comma-separated strengths of each wording's adapter")
     parser.add_argument("--system-prompt", action="store_true",
                         help="also answer with each wording as the system prompt and no adapter, and with neither")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     strengths = [float(s) for s in args.strengths.split(",")]
 
     gen = Generator.load(args.checkpoint)

@@ -1,7 +1,7 @@
 """Which opposite descriptions move their attribute, as a system prompt and as an adapter? The screen
 behind control.py's pairs.
 
-    python -m benchmarks.control_screen [--checkpoint DIR] [--queries 12]
+    python -m benchmarks.diagnostics.control_screen [--checkpoint DIR] [--queries 12]
 
 A control curve can only move an attribute that its endpoint adapters move, and an adapter can only learn
 what the teacher (the base model with the description as its system prompt) does. This answers 12 TRAINING
@@ -73,7 +73,8 @@ CANDIDATES: dict[str, dict[str, list[str]]] = {
 }
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, apart from running it, so that the docs' commands can be checked against it."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="whose adapters are screened")
     parser.add_argument("--queries", type=int, default=12)
@@ -81,7 +82,11 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/control")
     parser.add_argument("--work", default="runs/control-screen")
     parser.add_argument("--measures", default="", help="screen only these (comma-separated; default: all)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     from transformers import AutoTokenizer
 
     from vllm_t2l.generator import Generator
@@ -114,7 +119,7 @@ def main() -> None:
             for i, (m, side, d) in enumerate(wordings)]
     base = means(2 * n)
     md = "\n".join([
-        "# Which wordings move their attribute? (`python -m benchmarks.control_screen`)", "",
+        "# Which wordings move their attribute? (`python -m benchmarks.diagnostics.control_screen`)", "",
         f"Each wording as the base model's system prompt, and as the adapter checkpoint {gen.id[:12]} generates "
         f"from it (no system prompt); {len(queries)} training queries, greedy, at most {args.max_tokens} tokens; "
         "mean of the wording's own measure (every measure is in screen.json). A side is the low end of its "
@@ -122,7 +127,7 @@ def main() -> None:
         *report.table(["measure", "side", "base", "system prompt", "adapter", "wording"],
                       [(r["measure"], r["side"], f"{base[r['measure']]:.3g}", f"{r['prompt'][r['measure']]:.3g}",
                         f"{r['adapter'][r['measure']]:.3g}", r["wording"]) for r in rows])])
-    report.write(Path(args.out), "screen", md, {"context": report.context("benchmarks.control_screen"),
+    report.write(Path(args.out), "screen", md, {"context": report.context("benchmarks.diagnostics.control_screen"),
                                                 "checkpoint": gen.id, "queries": queries,
                                                 "max_tokens": args.max_tokens, "base": base, "rows": rows})
     print(md)

@@ -1,7 +1,8 @@
 """Would a gate keep dial training off the held-out descriptions? An exact estimate from two checkpoints, no new
 training:
 
-    .venv/bin/python -m benchmarks.gate_estimate runs/zcm/checkpoint runs/zdial8/checkpoint --work runs/eval-zdial9
+    .venv/bin/python -m benchmarks.diagnostics.gate_estimate runs/zcm/checkpoint runs/zdial8/checkpoint \\
+        --work runs/eval-zdial9
 
 The gate sends a description to the dial checkpoint when its nearest dial-pole training wording (cosine, by the
 dial checkpoint's embedder) is at least tau, and to the quality checkpoint otherwise. Each held-out sample's KL is
@@ -29,12 +30,17 @@ from vllm_t2l.train.student import Student
 TAUS = (0.0, 0.6, 0.62, 0.64, 0.65, 0.7, 0.73, 0.75, 1.01)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, apart from running it, so that the docs' commands can be checked against it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("quality", help="checkpoint for descriptions far from every pole")
     parser.add_argument("dial", help="checkpoint for descriptions near a pole")
     parser.add_argument("--work", required=True, help="a `vllm-t2l eval --work` folder holding teacher-heldout.pt")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     samples = teacher.load(Path(args.work) / "teacher-heldout.pt")
     gens = {path: Generator.load(path) for path in (args.quality, args.dial)}

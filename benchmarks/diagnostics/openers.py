@@ -1,6 +1,6 @@
 """Which rule-made opening phrases (vllm_t2l/train/dials.py) do a control run's answers start with?
 
-    python -m benchmarks.openers runs/control-zdial3 [--pair sentiment] [--mode weight]
+    python -m benchmarks.diagnostics.openers runs/control-zdial3 [--pair sentiment] [--mode weight]
 
 A dial-trained adapter can move a lexicon score by changing the mix of openers it writes rather than by taking
 one tone, and the mean attribute cannot tell the two apart. This counts, at w = 0, 0.5 and 1, the answers of
@@ -22,12 +22,17 @@ def opener_counts(answers: list[str]) -> dict[str, int]:
             for style, phrases in OPENERS.items()}
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, apart from running it, so that the docs' commands can be checked against it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("work", type=Path, help="the --work folder of a benchmarks.control run")
     parser.add_argument("--pair", default="sentiment")
     parser.add_argument("--mode", default="weight", choices=["weight", "emb"])
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     points = json.loads((args.work / "results" / "control.json").read_text())["points"]
     answers = json.loads((args.work / "answers.json").read_text())
