@@ -1,11 +1,11 @@
-"""Run every benchmark and write a summary of the issue's bars.
+"""Run every benchmark and write a summary of the project's targets.
 
     python -m benchmarks [--skip quality,control] [--only cold_miss,throughput] [--quick] [--out DIR]
 
 Each benchmark runs as its own process (`python -m benchmarks.<name>`) and writes its own
 `<name>.md`, `.json` and `.png` under the output folder (quality and control: in subfolders); its output goes to
 `logs/<name>.log` there. Then `summary.md` and `summary.json` list what ran, how long it took, and the
-figures the issue sets bars for. `--quick` runs every benchmark with small settings, to check the
+figures that have a target (docs/benchmarks.md). `--quick` runs every benchmark with small settings, to check the
 pipeline (its numbers mean little).
 """
 
@@ -58,7 +58,7 @@ def verdict(ok: bool) -> str:
 
 
 def _bars(out: Path) -> list[tuple[str, str, str, str]]:
-    """(bar, measured, verdict, source) for each figure the issue sets a bar for, from the results present."""
+    """(bar, measured, verdict, source) for each figure with a target, from the results present."""
     rows = []
     for which, one in (_load(out, "hypernet_speed") or {}).get("embed_forward_ms", {}).items():
         if one.get("descriptions", "short") != "short":  # the bar's "one description"; the table has the rest

@@ -269,7 +269,7 @@ def write_report(result: dict, pairs: list[Pair], out: Path) -> None:
              f"{len(result['queries'])} held-out queries, {how}, at most {result['max_tokens']} tokens. Adapter = "
              "(1-w)·A + w·B. Attribute: mean over the answers. Spearman: attribute vs w over the points in "
              "[0, 1]. ppl ratio: highest perplexity on [0, 1] / the higher of the two endpoints (perplexity of "
-             "the answers under the base model given the query, no system prompt). Bar (issue 4): weight space, "
+             "the answers under the base model given the query, no system prompt). Bar: weight space, "
              f"Spearman ≥ {SPEARMAN_BAR} and ppl ratio ≤ {PPL_BAR}.", "",
              "| pair (attribute) | mode | w=0 | w=1 | system prompt A | system prompt B | Spearman | ppl ratio | "
              "answers changed, w=0 vs 1 | bar |", "|---|---|---|---|---|---|---|---|---|---|"]

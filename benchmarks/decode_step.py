@@ -3,7 +3,7 @@ against one warm `t2l:` adapter, alternating in one server.
 
     python -m benchmarks.decode_step [--rounds 3] [--tokens 128] [--out benchmarks/results]
 
-This isolates what the LoRA path adds to every decode step (issue 5's throughput bar rests on it), without
+This isolates what the LoRA path adds to every decode step (the warm-throughput target rests on it), without
 the batching and scheduling effects of `benchmarks.throughput`. Each request decodes exactly `--tokens`
 tokens greedily (`min_tokens` = `max_tokens`), so ms per token is the request's time over its tokens;
 the one prefill is included and is the same for both.
