@@ -24,7 +24,7 @@ DEFAULT_EMBEDDER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 STATIC_EMBEDDER_NAME = "vllm-t2l/all-MiniLM-L6-v2-static"  # distilled here, at prepare time
 STATIC_EMBEDDER_DIR = "all-MiniLM-L6-v2-static"
-# Two embedders (README, "Two embedded checkpoints"). The static one is the default: a cold miss costs about what a
+# Two embedders (docs/serving.md, "Checkpoints"). The static one is the default: a cold miss costs about what a
 # disk load costs (MiniLM spends 19-21 ms on a description), and it closes nearly as much of the held-out gap.
 MINILM_CHECKPOINT = Path(__file__).parent / "checkpoints" / "smollm2-135m-minilm"
 STATIC_CHECKPOINT = Path(__file__).parent / "checkpoints" / "smollm2-135m-static"
