@@ -59,7 +59,7 @@ def test_description_adapter_is_deterministic(client):
 
 def test_different_descriptions_change_outputs(client, base_model):
     # Descriptions from different families: within a family (a pirate, a grumpy sailor) the shipped
-    # checkpoint's adapters differ by only ~7%, and greedy answers can coincide (docs/experiments.md).
+    # checkpoint's adapters differ by only ~7%, and greedy answers can coincide.
     names = ["t2l:Talk like a pirate in every answer.",
              "t2l:Reply with a numbered list of short points.",
              "t2l:WRITE YOUR WHOLE ANSWER IN CAPITAL LETTERS."]
