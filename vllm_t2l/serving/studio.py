@@ -93,6 +93,7 @@ class Info(BaseModel):
     max_terms: int
     max_abs_weight: float
     max_strength: float
+    recommended_strength: float
     catalog_names: int
 
 
@@ -206,7 +207,8 @@ async def info(studio: StudioDep) -> Info:
     s = r.settings
     return Info(base_model=studio.base_model, checkpoint=r.generator.id, trained=ckpt.trained,
                 rank=ckpt.config.rank, max_chars=s.max_chars, max_terms=s.max_terms,
-                max_abs_weight=s.max_abs_weight, max_strength=s.max_strength, catalog_names=len(r.catalog))
+                max_abs_weight=s.max_abs_weight, max_strength=s.max_strength,
+                recommended_strength=names.RECOMMENDED_STRENGTH, catalog_names=len(r.catalog))
 
 
 @router.get("/catalog", summary="List catalog names")

@@ -210,6 +210,8 @@ async function connect() {
     const info = await api("GET", "/v1/t2l/info");
     state.base = info.base_model;
     $("strength").max = info.max_strength;
+    $("strength").value = info.recommended_strength;
+    $("strength-value").textContent = $("strength").value;
     $("info").textContent = `base ${info.base_model} · checkpoint ${info.checkpoint.slice(0, 12)}` +
       (info.trained ? "" : " (UNTRAINED)") + ` · rank ${info.rank}`;
     $("info").dataset.ready = "1";
