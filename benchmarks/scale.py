@@ -1,12 +1,13 @@
 """Scale: thousands of distinct descriptions sent one after another; latency, server memory, errors.
 
-    python -m benchmarks.scale [--n 2000] [--max-tokens 4] [--cache-max-adapters 64] [--grace-s 10]
+    python -m benchmarks.scale [--n 20000] [--max-tokens 4] [--cache-max-adapters 64] [--grace-s 10]
                                [--max-cpu-loras 32] [--chunk 200]
 
 Every request names a never-seen description, so every one is a cache miss: the server generates an
 adapter, vLLM loads it, and the adapter cache and vLLM's LRUs evict older ones. Records each request's
 latency and TTFT, and every ``--sample-every`` requests the resident memory of the server's processes
-(API server + engine), the adapter folders on disk and the cache's gauges.
+(API server + engine), the adapter folders on disk and the cache's gauges; reports the slope of memory
+against names served over the last half of the run (flat: within two standard errors of zero).
 """
 
 from __future__ import annotations
@@ -47,6 +48,23 @@ async def measure(server: ServerProcess, descs: list[str], cache_root: Path, arg
     return rows, samples
 
 
+def slope(samples: list[dict]) -> dict:
+    """Least-squares slope of server memory against names served over the last half of the run, with its
+    standard error: flat memory means a slope within two standard errors of zero."""
+    half = [s for s in samples if s["i"] >= samples[-1]["i"] / 2]
+    n = len(half)
+    if n < 3:
+        return {"samples": n, "kib_per_name": float("nan"), "stderr_kib_per_name": float("nan"), "flat": False}
+    xs, ys = [s["i"] for s in half], [s["rss_mb"] * 1024 for s in half]
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    resid = sum((y - my - b * (x - mx)) ** 2 for x, y in zip(xs, ys))
+    se = (resid / (n - 2) / sxx) ** 0.5
+    return {"samples": n, "from_name": xs[0], "kib_per_name": b, "stderr_kib_per_name": se,
+            "flat": abs(b) <= 2 * se}
+
+
 def summarise(rows: list[dict], samples: list[dict], chunk: int) -> dict:
     chunks = []
     for start in range(0, len(rows), chunk):
@@ -63,12 +81,13 @@ def summarise(rows: list[dict], samples: list[dict], chunk: int) -> dict:
             "last_over_first_chunk_p50": last / first,
             "rss_mb": {"first_sample": samples[0]["rss_mb"], "end_of_first_chunk": chunks[0]["rss_mb_max"],
                        "peak": max(s["rss_mb"] for s in samples), "last": samples[-1]["rss_mb"]},
+            "memory_slope_last_half": slope(samples),
             "folders_max": max(s["folders"] for s in samples),
             "adapters_resident_max": max(s["adapters_resident"] for s in samples), "chunks": chunks}
 
 
 def markdown(s: dict, ctx: dict, flags: list[str], env: dict[str, str]) -> str:
-    rss = s["rss_mb"]
+    rss, m = s["rss_mb"], s["memory_slope_last_half"]
     lines = ["# Scale: distinct descriptions one after another", "",
              f"`{ctx['command']}` ({ctx['date']}, {ctx['cpus']} CPUs, load average {ctx['load_average_at_end']} "
              f"at the end). Server flags `{' '.join(flags)}`, "
@@ -82,6 +101,9 @@ def markdown(s: dict, ctx: dict, flags: list[str], env: dict[str, str]) -> str:
              f"- Server RSS (API server + engine processes): {rss['first_sample']:.0f} MiB after the first request, "
              f"{rss['end_of_first_chunk']:.0f} MiB by the end of the first chunk, peak **{rss['peak']:.0f} MiB**, "
              f"{rss['last']:.0f} MiB at the end.",
+             f"- Memory slope over the last half (names {m.get('from_name', 0)}-{s['requests']}, {m['samples']} "
+             f"samples): **{m['kib_per_name']:.3f} KiB per name** (standard error {m['stderr_kib_per_name']:.3f}); "
+             + ("flat: within two standard errors of zero." if m["flat"] else "**not flat**."),
              f"- Adapter folders on disk: at most {s['folders_max']} (cache entries plus evicted folders in "
              f"their grace period); adapters resident in the cache: at most {s['adapters_resident_max']:.0f}."]
     if s["first_errors"]:
@@ -110,7 +132,7 @@ def plot(rows: list[dict], samples: list[dict], s: dict, chunk: int, path: Path)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=2000, help="distinct descriptions, one request each")
+    parser.add_argument("--n", type=int, default=20000, help="distinct descriptions, one request each")
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--cache-max-adapters", type=int, default=64, help="VLLM_T2L_CACHE_MAX_ADAPTERS")
     parser.add_argument("--grace-s", type=float, default=10.0, help="VLLM_T2L_CACHE_GRACE_S")
