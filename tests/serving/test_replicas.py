@@ -27,8 +27,9 @@ def replicas(tmp_path_factory):
     root = tmp_path_factory.mktemp("replicas")
     shared = root / "adapters"
     common = ["--cache-dir", str(shared), "--max-loras", "2", "--max-num-seqs", "32"]
-    a = ServerProcess(common, root / "a.log")
-    b = ServerProcess([*common, "--api-key", API_KEY], root / "b.log")
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB per server on CPU: two servers share the test machine
+    a = ServerProcess(common, root / "a.log", env)
+    b = ServerProcess([*common, "--api-key", API_KEY], root / "b.log", env)
     try:
         with cf.ThreadPoolExecutor(2) as pool:
             list(pool.map(lambda s: s.start(), (a, b)))
