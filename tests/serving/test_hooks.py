@@ -133,3 +133,20 @@ def test_full_or_read_only_cache_gives_400_and_base_keeps_working(server, client
     finally:
         subprocess.run(undo, check=True)
     assert chat(client, "t2l:" + secret()).choices[0].message.content  # room again: generation works
+
+
+def test_per_name_bookkeeping_is_bounded(server, client):
+    """vLLM alone keeps a lock per name ever asked for and an entry per spelling ever registered."""
+    from vllm_t2l.serving.cache import MAX_NAMES
+
+    for i in range(20):
+        with pytest.raises(openai.NotFoundError):
+            chat(client, f"no-such-adapter-{uuid.uuid4().hex}-{i}")
+    assert server.metric("vllm_t2l:resolver_locks") == 0
+    desc = secret()
+    before = server.metric("vllm_t2l:registered_names")
+    spellings = ["t2l:" + desc.replace(" ", " " * (i + 1), 1) for i in range(MAX_NAMES + 4)]
+    answers = {chat(client, name).choices[0].message.content for name in spellings}
+    assert len(answers) == 1  # one adapter, however it is spelled
+    assert server.metric("vllm_t2l:registered_names") == before + MAX_NAMES
+    assert server.metric("vllm_t2l:resolver_locks") == 0

@@ -22,6 +22,7 @@ import logging
 from http import HTTPStatus
 
 from vllm_t2l import names
+from vllm_t2l.serving import metrics
 from vllm_t2l.serving.resolver import ADAPTER_PREFIX, AdapterRequestError, T2LResolver, adapter_name, shown
 
 log = logging.getLogger("vllm.t2l")  # under vLLM's configured logger
@@ -64,12 +65,13 @@ def install(resolver: T2LResolver) -> None:
 
     @functools.wraps(original_resolve)
     async def resolve_lora(self, lora_name: str):
-        if names.is_t2l_name(lora_name):
-            return await _resolve_t2l(self, resolver, lora_name, bad_request)
         try:
+            if names.is_t2l_name(lora_name):
+                return await _resolve_t2l(self, resolver, lora_name, bad_request)
             return await original_resolve(self, lora_name)
         finally:
             _drop_lock(self, lora_name)
+            _count(self)
 
     @functools.wraps(original_show)
     async def show_available_models(self):
@@ -87,6 +89,7 @@ def install(resolver: T2LResolver) -> None:
             return await original_load(self, request, base_model_name)
         finally:
             _drop_lock(self, request.lora_name)
+            _count(self)
 
     @functools.wraps(original_unload)
     async def unload_lora_adapter(self, request):
@@ -96,6 +99,7 @@ def install(resolver: T2LResolver) -> None:
             return await original_unload(self, request)
         finally:
             _drop_lock(self, request.lora_name)
+            _count(self)
 
     @functools.wraps(original_record)
     def record(self, scheduler_stats, *args, **kwargs):
@@ -159,6 +163,11 @@ def _drop_lock(models, lora_name: str) -> None:
         del models.lora_resolver_lock[lora_name]
 
 
+def _count(models) -> None:
+    metrics.REGISTERED_NAMES.set(len(models.lora_requests))
+    metrics.RESOLVER_LOCKS.set(len(models.lora_resolver_lock))
+
+
 def _unregister(models, key: str, lora_names: set[str]) -> None:
     """Forget evicted names; the next request for one resolves (and regenerates) it again.
 
@@ -166,3 +175,4 @@ def _unregister(models, key: str, lora_names: set[str]) -> None:
     """
     for name in lora_names:
         models.lora_requests.pop(name, None)
+    _count(models)
