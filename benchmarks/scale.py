@@ -1,7 +1,7 @@
 """Scale: thousands of distinct descriptions sent one after another; latency, server memory, errors.
 
     python -m benchmarks.scale [--n 20000] [--max-tokens 4] [--cache-max-adapters 64] [--grace-s 10]
-                               [--max-cpu-loras 32] [--chunk 200]
+                               [--max-cpu-loras 32] [--chunk 200] [--minutes M]
 
 Every request names a never-seen description, so every one is a cache miss: the server generates an
 adapter, vLLM loads it, and the adapter cache and vLLM's LRUs evict older ones. Records each request's
@@ -40,11 +40,19 @@ async def measure(server: ServerProcess, descs: list[str], cache_root: Path, arg
                 samples.append({"i": i, "t_s": time.perf_counter() - start, "rss_mb": tree_rss(server.pid) / 2**20,
                                 "folders": folders(cache_root),
                                 "adapters_resident": server.metric("vllm_t2l:adapters_resident")})
+            stop = args.minutes and time.perf_counter() - start > args.minutes * 60
+            if stop and not (i % args.sample_every == 0 or i == len(descs) - 1):
+                samples.append({"i": i, "t_s": time.perf_counter() - start, "rss_mb": tree_rss(server.pid) / 2**20,
+                                "folders": folders(cache_root),
+                                "adapters_resident": server.metric("vllm_t2l:adapters_resident")})
             if (i + 1) % args.chunk == 0:
                 chunk = rows[-args.chunk:]
                 print(f"[{i + 1}/{len(descs)}] latency p50 {report.pct([r['latency_ms'] for r in chunk], 50):.0f} ms,"
                       f" RSS {samples[-1]['rss_mb']:.0f} MiB, folders {samples[-1]['folders']},"
                       f" errors {sum(bool(r['error']) for r in chunk)}", flush=True)
+            if stop:
+                print(f"stopped after {args.minutes} minutes: {i + 1} of {len(descs)} names", flush=True)
+                break
     return rows, samples
 
 
@@ -96,7 +104,8 @@ def markdown(s: dict, ctx: dict, flags: list[str], env: dict[str, str]) -> str:
                                 "server RSS max MiB"],
                                [[c["requests"], c["latency_ms"]["p50"], c["latency_ms"]["p95"], c["ttft_ms"]["p50"],
                                  c["errors"], c["rss_mb_max"]] for c in s["chunks"]]),
-             "", f"- {s['requests']} requests, **{s['errors']} errors**; latency p50 of the last chunk / the first: "
+             "", f"- {s['requests']} requests of {ctx['planned']} planned, **{s['errors']} errors**; "
+                 f"latency p50 of the last chunk / the first: "
                  f"**{s['last_over_first_chunk_p50']:.2f}x**.",
              f"- Server RSS (API server + engine processes): {rss['first_sample']:.0f} MiB after the first request, "
              f"{rss['end_of_first_chunk']:.0f} MiB by the end of the first chunk, peak **{rss['peak']:.0f} MiB**, "
@@ -139,6 +148,8 @@ def main() -> None:
     parser.add_argument("--max-cpu-loras", type=int, default=32)
     parser.add_argument("--chunk", type=int, default=200, help="requests per row of the report")
     parser.add_argument("--sample-every", type=int, default=10, help="requests between memory samples")
+    parser.add_argument("--minutes", type=float, default=0,
+                        help="stop after this many minutes and report the names served so far (0: no limit)")
     parser.add_argument("--out", type=Path, default=report.RESULTS)
     parser.add_argument("server_args", nargs="*", help="extra flags for `vllm-t2l serve` (after --)")
     args = parser.parse_args()
@@ -154,7 +165,7 @@ def main() -> None:
         finally:
             keep_log(server, args.out, "scale")
     s = summarise(rows, samples, args.chunk)
-    ctx = report.context("benchmarks.scale")
+    ctx = report.context("benchmarks.scale") | {"planned": args.n}
     path = report.write(args.out, "scale", markdown(s, ctx, flags, env),
                         {"context": ctx, "server_flags": flags, "env": env, "summary": s, "samples": samples,
                          "rows": rows})
