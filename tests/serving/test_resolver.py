@@ -128,3 +128,40 @@ def test_cache_disk_errors_are_named(errno_, message, tiny_checkpoint, monkeypat
     with pytest.raises(AdapterRequestError, match=message) as err:
         asyncio.run(resolver.resolve("t2l:Be brief."))
     assert str(tmp_path) not in str(err.value)  # no server path in what the client reads
+
+
+def test_start_on_a_read_only_cache_then_recover(tiny_checkpoint, monkeypatch, tmp_path):
+    """A read-only cache disk at start: the server starts (base requests work), t2l: requests get a 400
+    naming the problem, and generation works once the disk is writable again."""
+    import subprocess
+
+    from vllm_t2l.serving import worker_load
+    from vllm_t2l.serving.resolver import AdapterRequestError
+
+    monkeypatch.setattr(worker_load, "installed", lambda: True)  # the codes hand-off: a basis file at start
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    kind = disk / ckpt_mod.load(tiny_checkpoint).id / "codes"
+    if os.geteuid() == 0:
+        if subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(disk)], capture_output=True).returncode:
+            pytest.skip("running as root without permission to mount a tmpfs")
+        kind.mkdir(parents=True)
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        writable = ["mount", "-o", "remount,rw", str(disk)]
+    else:
+        kind.mkdir(parents=True)
+        kind.chmod(0o555)
+        writable = ["chmod", "755", str(kind)]
+    try:
+        from conftest import TINY_CONFIG
+
+        resolver = T2LResolver(Settings(checkpoint=str(tiny_checkpoint), cache_dir=str(disk)))
+        resolver.start(TINY_CONFIG, "tiny-llama", max_lora_rank=8)
+        with pytest.raises(AdapterRequestError, match="read-only"):
+            asyncio.run(resolver.resolve("t2l:Be brief."))
+        subprocess.run(writable, check=True)
+        key, path, hit = asyncio.run(resolver.resolve("t2l:Be brief."))
+        assert not hit and (kind / codes.BASIS_FILE).is_file() and path.parent == kind
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(disk)], check=True)

@@ -144,7 +144,14 @@ class T2LResolver(LoRAResolver):
                                   self._evicted)
         self.max_lora_rank, self.base_model = max_lora_rank, base_model
         if by_codes:
-            self.basis = codes.save_basis(self.cache.root, ckpt.hypernet)
+            self.basis = self.cache.root / codes.BASIS_FILE
+            try:
+                codes.save_basis(self.cache.root, ckpt.hypernet)
+            except OSError as e:  # written with the first adapter instead; base requests work meanwhile
+                if not _cache_problem(e):
+                    raise
+                log.error("vllm-t2l: %s (%s: %s); t2l: requests fail until it is writable",
+                          _cache_problem(e), self.cache.root, e)
         self._update_gauges()
         state = "TRAINED" if ckpt.trained else "UNTRAINED (adapters will not follow descriptions)"
         log.info("vllm-t2l: %s checkpoint %s (%s, id %s), embedder %s on %s (torch threads: %d), %d catalog names, "
@@ -231,6 +238,8 @@ class T2LResolver(LoRAResolver):
         timings: dict[str, float] = {}
         specs = [spec for spec, _ in jobs]
         c = self.generator.checkpoint.config
+        if self.basis and not self.basis.exists():
+            codes.save_basis(self.cache.root, self.generator.checkpoint.hypernet)
         made = self.generator.codes(specs, timings) if self.basis else self.generator.generate(specs, timings)
         start = time.perf_counter()
         for spec, (_, folder), adapter in zip(specs, jobs, made):
