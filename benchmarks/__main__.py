@@ -43,6 +43,7 @@ BENCHMARKS = [
           flags=("--checkpoint", str(MINILM_CHECKPOINT))),
     Bench("throughput", ["--k", "1,4", "--min-requests", "4", "--rounds", "1", "--max-tokens", "16"]),
     Bench("scale", ["--n", "40", "--chunk", "20"], long=True),
+    Bench("load", ["--requests", "40", "--descriptions", "16", "--concurrency", "8"]),
     Bench("control", None, "control", long=True),
     Bench("quality", None, long=True),  # trains its baselines under runs/; writes quality/ itself
 ]
@@ -80,6 +81,16 @@ def _bars(out: Path) -> list[tuple[str, str, str, str]]:
         rows.append((f"scale: {s['requests']} distinct descriptions, no errors, flat latency, bounded memory",
                      f"{s['errors']} errors, last/first chunk latency {s['last_over_first_chunk_p50']:.2f}x, "
                      f"peak RSS {s['rss_mb']['peak']:.0f} MiB", verdict(s["errors"] == 0), "scale.md"))
+        if m := s.get("memory_slope_last_half"):
+            rows.append(("scale: memory slope over the last half indistinguishable from zero",
+                         f"{m['kib_per_name']:.3f} KiB/name (s.e. {m['stderr_kib_per_name']:.3f})",
+                         verdict(m["flat"]), "scale.md"))
+    if ld := _load(out, "load"):
+        ld = ld["summary"]
+        ok = ld["errors"] == 0 and ld["base_answers_differing"] == 0
+        rows.append((f"load: {ld['requests']} requests, {ld['concurrency']} at a time: no errors, base = base alone",
+                     f"{ld['errors']} errors, {ld['base_answers_differing']} base answers differing", verdict(ok),
+                     "load.md"))
     return rows
 
 

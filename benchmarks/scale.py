@@ -1,12 +1,13 @@
 """Scale: thousands of distinct descriptions sent one after another; latency, server memory, errors.
 
-    python -m benchmarks.scale [--n 2000] [--max-tokens 4] [--cache-max-adapters 64] [--grace-s 10]
-                               [--max-cpu-loras 32] [--chunk 200]
+    python -m benchmarks.scale [--n 20000] [--max-tokens 4] [--cache-max-adapters 64] [--grace-s 10]
+                               [--max-cpu-loras 32] [--chunk 200] [--minutes M]
 
 Every request names a never-seen description, so every one is a cache miss: the server generates an
 adapter, vLLM loads it, and the adapter cache and vLLM's LRUs evict older ones. Records each request's
 latency and TTFT, and every ``--sample-every`` requests the resident memory of the server's processes
-(API server + engine), the adapter folders on disk and the cache's gauges.
+(API server + engine), the adapter folders on disk and the cache's gauges; reports the slope of memory
+against names served over the last half of the run (flat: within two standard errors of zero).
 """
 
 from __future__ import annotations
@@ -39,12 +40,37 @@ async def measure(server: ServerProcess, descs: list[str], cache_root: Path, arg
                 samples.append({"i": i, "t_s": time.perf_counter() - start, "rss_mb": tree_rss(server.pid) / 2**20,
                                 "folders": folders(cache_root),
                                 "adapters_resident": server.metric("vllm_t2l:adapters_resident")})
+            stop = args.minutes and time.perf_counter() - start > args.minutes * 60
+            if stop and not (i % args.sample_every == 0 or i == len(descs) - 1):
+                samples.append({"i": i, "t_s": time.perf_counter() - start, "rss_mb": tree_rss(server.pid) / 2**20,
+                                "folders": folders(cache_root),
+                                "adapters_resident": server.metric("vllm_t2l:adapters_resident")})
             if (i + 1) % args.chunk == 0:
                 chunk = rows[-args.chunk:]
                 print(f"[{i + 1}/{len(descs)}] latency p50 {report.pct([r['latency_ms'] for r in chunk], 50):.0f} ms,"
                       f" RSS {samples[-1]['rss_mb']:.0f} MiB, folders {samples[-1]['folders']},"
                       f" errors {sum(bool(r['error']) for r in chunk)}", flush=True)
+            if stop:
+                print(f"stopped after {args.minutes} minutes: {i + 1} of {len(descs)} names", flush=True)
+                break
     return rows, samples
+
+
+def slope(samples: list[dict]) -> dict:
+    """Least-squares slope of server memory against names served over the last half of the run, with its
+    standard error: flat memory means a slope within two standard errors of zero."""
+    half = [s for s in samples if s["i"] >= samples[-1]["i"] / 2]
+    n = len(half)
+    if n < 3:
+        return {"samples": n, "kib_per_name": float("nan"), "stderr_kib_per_name": float("nan"), "flat": False}
+    xs, ys = [s["i"] for s in half], [s["rss_mb"] * 1024 for s in half]
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    resid = sum((y - my - b * (x - mx)) ** 2 for x, y in zip(xs, ys))
+    se = (resid / (n - 2) / sxx) ** 0.5
+    return {"samples": n, "from_name": xs[0], "kib_per_name": b, "stderr_kib_per_name": se,
+            "flat": abs(b) <= 2 * se}
 
 
 def summarise(rows: list[dict], samples: list[dict], chunk: int) -> dict:
@@ -63,12 +89,13 @@ def summarise(rows: list[dict], samples: list[dict], chunk: int) -> dict:
             "last_over_first_chunk_p50": last / first,
             "rss_mb": {"first_sample": samples[0]["rss_mb"], "end_of_first_chunk": chunks[0]["rss_mb_max"],
                        "peak": max(s["rss_mb"] for s in samples), "last": samples[-1]["rss_mb"]},
+            "memory_slope_last_half": slope(samples),
             "folders_max": max(s["folders"] for s in samples),
             "adapters_resident_max": max(s["adapters_resident"] for s in samples), "chunks": chunks}
 
 
 def markdown(s: dict, ctx: dict, flags: list[str], env: dict[str, str]) -> str:
-    rss = s["rss_mb"]
+    rss, m = s["rss_mb"], s["memory_slope_last_half"]
     lines = ["# Scale: distinct descriptions one after another", "",
              f"`{ctx['command']}` ({ctx['date']}, {ctx['cpus']} CPUs, load average {ctx['load_average_at_end']} "
              f"at the end). Server flags `{' '.join(flags)}`, "
@@ -77,11 +104,15 @@ def markdown(s: dict, ctx: dict, flags: list[str], env: dict[str, str]) -> str:
                                 "server RSS max MiB"],
                                [[c["requests"], c["latency_ms"]["p50"], c["latency_ms"]["p95"], c["ttft_ms"]["p50"],
                                  c["errors"], c["rss_mb_max"]] for c in s["chunks"]]),
-             "", f"- {s['requests']} requests, **{s['errors']} errors**; latency p50 of the last chunk / the first: "
+             "", f"- {s['requests']} requests of {ctx['planned']} planned, **{s['errors']} errors**; "
+                 f"latency p50 of the last chunk / the first: "
                  f"**{s['last_over_first_chunk_p50']:.2f}x**.",
              f"- Server RSS (API server + engine processes): {rss['first_sample']:.0f} MiB after the first request, "
              f"{rss['end_of_first_chunk']:.0f} MiB by the end of the first chunk, peak **{rss['peak']:.0f} MiB**, "
              f"{rss['last']:.0f} MiB at the end.",
+             f"- Memory slope over the last half (names {m.get('from_name', 0)}-{s['requests']}, {m['samples']} "
+             f"samples): **{m['kib_per_name']:.3f} KiB per name** (standard error {m['stderr_kib_per_name']:.3f}); "
+             + ("flat: within two standard errors of zero." if m["flat"] else "**not flat**."),
              f"- Adapter folders on disk: at most {s['folders_max']} (cache entries plus evicted folders in "
              f"their grace period); adapters resident in the cache: at most {s['adapters_resident_max']:.0f}."]
     if s["first_errors"]:
@@ -111,13 +142,15 @@ def plot(rows: list[dict], samples: list[dict], s: dict, chunk: int, path: Path)
 def build_parser() -> argparse.ArgumentParser:
     """The command line, apart from running it, so that the docs' commands can be checked against it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=2000, help="distinct descriptions, one request each")
+    parser.add_argument("--n", type=int, default=20000, help="distinct descriptions, one request each")
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--cache-max-adapters", type=int, default=64, help="VLLM_T2L_CACHE_MAX_ADAPTERS")
     parser.add_argument("--grace-s", type=float, default=10.0, help="VLLM_T2L_CACHE_GRACE_S")
     parser.add_argument("--max-cpu-loras", type=int, default=32)
     parser.add_argument("--chunk", type=int, default=200, help="requests per row of the report")
     parser.add_argument("--sample-every", type=int, default=10, help="requests between memory samples")
+    parser.add_argument("--minutes", type=float, default=0,
+                        help="stop after this many minutes and report the names served so far (0: no limit)")
     parser.add_argument("--out", type=Path, default=report.RESULTS)
     parser.add_argument("server_args", nargs="*", help="extra flags for `vllm-t2l serve` (after --)")
     return parser
@@ -137,7 +170,7 @@ def main() -> None:
         finally:
             keep_log(server, args.out, "scale")
     s = summarise(rows, samples, args.chunk)
-    ctx = report.context("benchmarks.scale")
+    ctx = report.context("benchmarks.scale") | {"planned": args.n}
     path = report.write(args.out, "scale", markdown(s, ctx, flags, env),
                         {"context": ctx, "server_flags": flags, "env": env, "summary": s, "samples": samples,
                          "rows": rows})

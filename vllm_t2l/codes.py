@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 from torch import Tensor
@@ -32,7 +33,7 @@ def save_basis(root: Path, net: HyperNet) -> Path:
     if not path.exists():
         stacks = [([f"{m}.A"], a.detach().float()[None]) for m, a in net.shared_A.items()]
         stacks += [([f"{m}.B"], b.detach().float()[None]) for m, b in net.shared_B.items()]
-        part = root / f"{BASIS_FILE}.{os.getpid()}.part"
+        part = root / f"{BASIS_FILE}.{uuid.uuid4().hex}.part"  # replicas on other hosts may share root
         tensorfile.save(part, stacks, {"format": "pt"})
         os.replace(part, path)
     return path

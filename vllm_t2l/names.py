@@ -145,9 +145,9 @@ def normalise(text: str, limits: NameLimits = NameLimits()) -> str:
 def _lookup(term: str, catalog: Catalog) -> tuple[str, str | CatalogEntry]:
     key = term[1:].strip()
     if not CATALOG_NAME.match(key):
-        raise AdapterNameError(f"catalog name {key!r} is malformed: use letters, digits, '_', '.', '-'")
+        raise AdapterNameError(f"catalog name {key[:40]!r} is malformed: use letters, digits, '_', '.', '-'")
     if key not in catalog:
-        raise AdapterNameError(f"catalog name {key!r} is not in the server's catalog")
+        raise AdapterNameError(f"catalog name {key[:40]!r} is not in the server's catalog")
     return key, catalog[key]
 
 
@@ -235,9 +235,9 @@ def _spec(raw_terms: list[tuple[str, str]], mode: Mode, catalog: Catalog,
             weight = float(weight_text)
         except ValueError:
             raise AdapterNameError(
-                f"mix term {i}: weight {weight_text!r} is not a number") from None
+                f"mix term {i}: weight {weight_text[:40]!r} is not a number") from None
         if not math.isfinite(weight):
-            raise AdapterNameError(f"mix term {i}: weight must be finite, got {weight_text}")
+            raise AdapterNameError(f"mix term {i}: weight must be finite, got {weight_text[:40]}")
         if abs(weight) > limits.max_abs_weight:
             bound = limits.max_abs_weight
             raise AdapterNameError(f"mix term {i}: weight {weight} is outside [-{bound}, {bound}]")

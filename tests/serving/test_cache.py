@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_t2l.serving.cache import READY, AdapterCache, CacheLimits
+from vllm_t2l.serving.cache import MANIFEST, READY, STALE_TMP_S, AdapterCache, CacheLimits, verify
 
 K1, K2, K3, K4 = ("a" * 32, "b" * 32, "c" * 32, "d" * 32)
 
@@ -36,6 +36,16 @@ class Maker:
         (tmp / READY).write_text(json.dumps({"r": 8}))
 
 
+def entry_bytes(size: int) -> int:
+    """Bytes one Maker(size) folder takes in the cache: its files and the manifest sealed with them."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = AdapterCache(Path(tmp))
+        asyncio.run(cache.get(K4, Maker(size=size)))
+        return cache.nbytes
+
+
 def _tmp_dirs(root: Path) -> list[str]:
     return [p.name for p in root.iterdir() if p.name.startswith(".tmp-")]
 
@@ -56,7 +66,7 @@ def test_miss_then_hit(tmp_path):
     assert len(make.calls) == 1
     assert make.calls[0].parent == tmp_path / "c" and make.calls[0].name.startswith(".tmp-")
     assert not make.calls[0].exists()
-    assert cache.nbytes == 100 + len(json.dumps({"r": 8}))
+    assert cache.nbytes == entry_bytes(100) > 100 + len(json.dumps({"r": 8}))
     assert _tmp_dirs(tmp_path / "c") == []
 
 
@@ -148,7 +158,7 @@ def test_eviction_without_names_does_not_call_back(tmp_path):
 
 
 def test_lru_eviction_by_bytes(tmp_path):
-    size = 1000 + len(json.dumps({"r": 8}))
+    size = entry_bytes(1000)
     cache, evicted = recording_cache(tmp_path, max_adapters=100, max_bytes=2 * size + 10, grace_s=0)
 
     async def main():
@@ -193,7 +203,7 @@ def test_grace_period_keeps_files_and_revives(tmp_path):
     assert K1 in cache.entries and K1 not in cache.retired
     assert (path / READY).exists()
     # names were unregistered on eviction: a revived entry starts with none
-    assert cache.entries[K1].names == set()
+    assert not cache.entries[K1].names
 
 
 def test_retired_files_deleted_after_grace(tmp_path):
@@ -222,14 +232,17 @@ def test_restart_adopts_complete_folders(tmp_path):
     os.utime(tmp_path / K1, (time.time() - 100, time.time() - 100))  # K1 is the older one
     (tmp_path / ".tmp-deadbeef-1234").mkdir()
     (tmp_path / ".tmp-deadbeef-1234" / "junk").write_text("half")
+    stale = time.time() - STALE_TMP_S - 1  # left by a killed process, not being written by a live replica
+    os.utime(tmp_path / ".tmp-deadbeef-1234", (stale, stale))
+    (tmp_path / ".tmp-cafebabe-5678").mkdir()  # fresh: maybe another replica's, kept
     (tmp_path / K3).mkdir()  # no adapter_config.json: never adopted
     (tmp_path / "not-a-key").mkdir()
     (tmp_path / "not-a-key" / READY).write_text("{}")
 
     cache = AdapterCache(tmp_path)
     assert list(cache.entries) == [K1, K2]
-    assert _tmp_dirs(tmp_path) == []
-    assert cache.nbytes == 2 * (100 + len(json.dumps({"r": 8})))
+    assert _tmp_dirs(tmp_path) == [".tmp-cafebabe-5678"]
+    assert cache.nbytes == 2 * entry_bytes(100)
 
     async def again():
         return await cache.get(K1, make), await cache.get(K3, make)
@@ -299,3 +312,150 @@ def test_cancelled_first_caller_does_not_cancel_waiters(tmp_path):
     result = asyncio.run(main())
     assert not isinstance(result, BaseException), f"the second caller failed with {result!r}"
     assert (result[0] / READY).exists()
+
+
+# ---- replicas sharing one folder, checksums, leases -------------------------------------------
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(path.iterdir())}
+
+
+def test_two_replicas_publish_the_same_content_id_at_once(tmp_path):
+    """Both generate (neither finds the other's folder yet); the second to publish keeps the first's."""
+    a, b = AdapterCache(tmp_path), AdapterCache(tmp_path)
+    make_a, make_b = Maker(delay=0.05), Maker(delay=0.05)
+
+    async def main():
+        return await asyncio.gather(a.get(K1, make_a), b.get(K1, make_b))
+
+    (pa, _), (pb, _) = asyncio.run(main())
+    assert len(make_a.calls) == len(make_b.calls) == 1
+    assert pa == pb == tmp_path / K1 and verify(pa)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [K1]  # no temporary or moved-aside folder left
+    assert K1 in a.entries and K1 in b.entries
+
+
+def test_replica_adopts_a_folder_another_published(tmp_path):
+    a, b = AdapterCache(tmp_path), AdapterCache(tmp_path)
+    asyncio.run(a.get(K1, Maker()))
+    make = Maker()
+    path, hit = asyncio.run(b.get(K1, make))
+    assert hit and make.calls == [] and K1 in b.entries
+
+
+def test_corrupted_file_is_detected_and_regenerated(tmp_path):
+    cache, evicted = recording_cache(tmp_path)
+    make = Maker()
+
+    async def main():
+        await cache.get(K1, make)
+        cache.register(K1, "t2l:one")
+        weights = tmp_path / K1 / "adapter_model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[10] ^= 0xFF  # same size, one byte flipped
+        weights.write_bytes(bytes(data))
+        return await cache.get(K1, make)
+
+    path, hit = asyncio.run(main())
+    assert not hit and len(make.calls) == 2 and verify(path)
+    assert evicted == [(K1, {"t2l:one"})]  # vLLM must not keep reading the bad folder under that name
+    assert sorted(p.name for p in tmp_path.iterdir()) == [K1]
+
+
+def test_truncated_file_of_a_replica_is_not_adopted(tmp_path):
+    asyncio.run(AdapterCache(tmp_path).get(K1, Maker()))
+    weights = tmp_path / K1 / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:10])
+    make = Maker()
+    path, hit = asyncio.run(AdapterCache(tmp_path).get(K1, make))
+    assert not hit and len(make.calls) == 1 and verify(path)
+
+
+@pytest.mark.parametrize("damage", ["no manifest", "half-written"])
+def test_folder_without_a_valid_manifest_is_never_trusted(tmp_path, damage):
+    """A folder of an older version, or one a killed process left where a folder belongs."""
+    (tmp_path / K1).mkdir()
+    (tmp_path / K1 / READY).write_text("{}")
+    if damage == "half-written":
+        (tmp_path / K1 / MANIFEST).write_text('{"files": {')
+    cache = AdapterCache(tmp_path)
+    assert (K1 in cache.entries) == (damage == "half-written")  # adopted by name, checked before use
+    make = Maker()
+    path, hit = asyncio.run(cache.get(K1, make))
+    assert not hit and len(make.calls) == 1 and verify(path)
+
+
+def test_eviction_keeps_a_folder_another_replica_serves(tmp_path):
+    grace = 0.2
+    a = AdapterCache(tmp_path, CacheLimits(max_adapters=1, grace_s=grace))
+    b = AdapterCache(tmp_path, CacheLimits(max_adapters=8, grace_s=grace))
+
+    async def main():
+        await a.get(K1, Maker())
+        await b.get(K1, Maker())  # b serves K1 too, and renews its lease every grace / 4
+        await a.get(K2, Maker())  # a evicts K1
+        await asyncio.sleep(3 * grace)
+        await a.get(K3, Maker())  # a's sweep: K1's grace is over, but b touched it within the grace
+        assert K1 not in a.retired and verify(tmp_path / K1)
+        b.limits = CacheLimits(max_adapters=0, grace_s=grace)
+        await b.get(K4, Maker())  # now b lets go of K1 (and K4) too
+        await asyncio.sleep(3 * grace)
+        b._refresh()
+
+    asyncio.run(main())
+    assert not (tmp_path / K1).exists()  # the last replica to let go deleted it
+
+
+def test_names_per_adapter_are_bounded(tmp_path):
+    from vllm_t2l.serving.cache import MAX_NAMES
+
+    cache, evicted = recording_cache(tmp_path)
+    asyncio.run(cache.get(K1, Maker()))
+    spellings = [f"t2l:one{' ' * i}" for i in range(MAX_NAMES + 3)]
+    for name in spellings:
+        assert cache.register(K1, name)
+    assert list(cache.entries[K1].names) == spellings[3:]
+    assert evicted == [(K1, {n}) for n in spellings[:3]]
+
+
+def test_register_after_eviction_is_refused(tmp_path):
+    cache = AdapterCache(tmp_path, CacheLimits(max_adapters=1, grace_s=60))
+
+    async def main():
+        await cache.get(K1, Maker())
+        await cache.get(K2, Maker())
+
+    asyncio.run(main())
+    assert not cache.register(K1, "t2l:one")
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs (as root) or a read-only folder (otherwise): a cache disk that refuses writes."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() == 0:
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)],
+                          capture_output=True).returncode:
+            pytest.skip("running as root without permission to mount a small tmpfs")
+        yield disk
+        subprocess.run(["umount", str(disk)], check=True)
+    else:
+        yield disk
+        disk.chmod(0o755)
+
+
+def test_full_or_read_only_disk_fails_the_request_and_leaves_nothing(full_disk):
+    cache = AdapterCache(full_disk)
+    if os.geteuid() != 0:
+        full_disk.chmod(0o555)
+    with pytest.raises(OSError) as err:
+        asyncio.run(cache.get(K1, Maker(size=1 << 20)))
+    assert err.value.errno in (28, 13, 30)  # ENOSPC, EACCES, EROFS
+    assert K1 not in cache.entries and cache._inflight == {}
+    assert [p.name for p in full_disk.iterdir()] == []
+    path, hit = asyncio.run(cache.get(K2, Maker(size=10))) if os.geteuid() == 0 else (None, None)
+    if path is not None:  # the disk has room again for a small one: the cache still works
+        assert not hit and verify(path)

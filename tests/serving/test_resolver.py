@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
 import pytest
 from prometheus_client import REGISTRY
@@ -73,3 +74,94 @@ def test_start_on_cpu_sets_the_threads_asked_for(threads, tiny_checkpoint, monke
 def test_names_it_does_not_own_resolve_to_none():
     """Other resolvers (vLLM's filesystem resolver) see every name that is not t2l:/t2l-mix:."""
     assert asyncio.run(T2LResolver(Settings()).resolve_lora("base", "my-adapter")) is None
+
+
+def _started(tiny_checkpoint, tmp_path) -> T2LResolver:
+    from conftest import TINY_CONFIG
+
+    resolver = T2LResolver(Settings(checkpoint=str(tiny_checkpoint), cache_dir=str(tmp_path / "cache")))
+    resolver.start(TINY_CONFIG, "tiny-llama", max_lora_rank=8)
+    return resolver
+
+
+def test_hypernetwork_exception_fails_that_request_and_the_next_works(tiny_checkpoint, monkeypatch, tmp_path):
+    from vllm_t2l.serving.resolver import AdapterRequestError
+
+    resolver = _started(tiny_checkpoint, tmp_path)
+    real = resolver.generator.codes if resolver.basis else resolver.generator.generate
+    calls = []
+
+    def explode_once(specs, timings=None):
+        calls.append(len(specs))
+        if len(calls) == 1:
+            raise RuntimeError("CUDA error: an illegal memory access")
+        return real(specs, timings)
+
+    monkeypatch.setattr(resolver.generator, "codes" if resolver.basis else "generate", explode_once)
+    errors = REGISTRY.get_sample_value("vllm_t2l:generation_errors_total") or 0.0
+    with pytest.raises(AdapterRequestError, match="adapter generation failed") as err:
+        asyncio.run(resolver.resolve("t2l:Talk like a pirate."))
+    assert "CUDA" not in str(err.value)  # details stay in the server log
+    assert REGISTRY.get_sample_value("vllm_t2l:generation_errors_total") == errors + 1
+    key, path, hit = asyncio.run(resolver.resolve("t2l:Talk like a pirate."))
+    assert not hit and (path / "adapter_config.json").is_file() and calls == [1, 1]
+
+
+def test_engine_name_is_the_content_id(tiny_checkpoint, tmp_path):
+    resolver = _started(tiny_checkpoint, tmp_path)
+    desc = "t2l:My private system prompt: never reveal the launch date."
+    request = asyncio.run(resolver.resolve_lora("tiny-llama", desc))
+    assert request.lora_name == "t2l-" + parse(desc).content_id(resolver.generator.id)
+    assert "private" not in request.lora_name and "private" not in request.lora_path
+
+
+@pytest.mark.parametrize("errno_, message", [(30, "read-only"), (28, "full"), (13, "read-only")])
+def test_cache_disk_errors_are_named(errno_, message, tiny_checkpoint, monkeypatch, tmp_path):
+    from vllm_t2l.serving.resolver import AdapterRequestError
+
+    resolver = _started(tiny_checkpoint, tmp_path)
+
+    def refuse(jobs):
+        raise OSError(errno_, os.strerror(errno_), str(jobs[0][1]))
+
+    monkeypatch.setattr(resolver, "_write", refuse)
+    with pytest.raises(AdapterRequestError, match=message) as err:
+        asyncio.run(resolver.resolve("t2l:Be brief."))
+    assert str(tmp_path) not in str(err.value)  # no server path in what the client reads
+
+
+def test_start_on_a_read_only_cache_then_recover(tiny_checkpoint, monkeypatch, tmp_path):
+    """A read-only cache disk at start: the server starts (base requests work), t2l: requests get a 400
+    naming the problem, and generation works once the disk is writable again."""
+    import subprocess
+
+    from vllm_t2l.serving import worker_load
+    from vllm_t2l.serving.resolver import AdapterRequestError
+
+    monkeypatch.setattr(worker_load, "installed", lambda: True)  # the codes hand-off: a basis file at start
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    kind = disk / ckpt_mod.load(tiny_checkpoint).id / "codes"
+    if os.geteuid() == 0:
+        if subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(disk)], capture_output=True).returncode:
+            pytest.skip("running as root without permission to mount a tmpfs")
+        kind.mkdir(parents=True)
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        writable = ["mount", "-o", "remount,rw", str(disk)]
+    else:
+        kind.mkdir(parents=True)
+        kind.chmod(0o555)
+        writable = ["chmod", "755", str(kind)]
+    try:
+        from conftest import TINY_CONFIG
+
+        resolver = T2LResolver(Settings(checkpoint=str(tiny_checkpoint), cache_dir=str(disk)))
+        resolver.start(TINY_CONFIG, "tiny-llama", max_lora_rank=8)
+        with pytest.raises(AdapterRequestError, match="read-only"):
+            asyncio.run(resolver.resolve("t2l:Be brief."))
+        subprocess.run(writable, check=True)
+        key, path, hit = asyncio.run(resolver.resolve("t2l:Be brief."))
+        assert not hit and (kind / codes.BASIS_FILE).is_file() and path.parent == kind
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(disk)], check=True)

@@ -14,3 +14,6 @@ GENERATION_ERRORS = Counter("vllm_t2l:generation_errors", "Adapter generations t
 REJECTED_NAMES = Counter("vllm_t2l:rejected_names", "Adapter names refused as malformed (4xx).")
 ADAPTERS_RESIDENT = Gauge("vllm_t2l:adapters_resident", "Adapters held in the adapter cache.")
 CACHE_BYTES = Gauge("vllm_t2l:cache_bytes", "Bytes of adapter weights held in the adapter cache.")
+REGISTERED_NAMES = Gauge("vllm_t2l:registered_names",
+                         "Adapter names registered with vLLM's serving layer (bounded by the cache limits).")
+RESOLVER_LOCKS = Gauge("vllm_t2l:resolver_locks", "vLLM's per-name resolution locks currently kept.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import math
 import os
@@ -82,6 +83,31 @@ class AdapterRequestError(Exception):
     """Turned into an HTTP 400 with this message by the serving hooks."""
 
 
+ADAPTER_PREFIX = "t2l-"  # the name vLLM's engine, metrics and responses know a generated adapter by
+
+
+def adapter_name(key: str) -> str:
+    """What vLLM's engine sees instead of the description: the content id (a hash), nothing a client typed."""
+    return ADAPTER_PREFIX + key
+
+
+def shown(name: str, limit: int = 40) -> str:
+    """A client's own name as an error message may quote it: cut to ``limit`` characters."""
+    return name if len(name) <= limit else name[:limit] + "..."
+
+
+def _cache_problem(e: BaseException) -> str | None:
+    """The message for a cache disk that refuses writes, or None for any other error."""
+    while e is not None:
+        if isinstance(e, OSError):
+            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                return "the adapter cache is read-only"
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                return "the adapter cache is full (no space left on its disk)"
+        e = e.__cause__ or e.__context__
+    return None
+
+
 class T2LResolver(LoRAResolver):
     """Generates an adapter the first time a description is asked for; later asks hit the cache.
 
@@ -97,7 +123,7 @@ class T2LResolver(LoRAResolver):
         self.max_lora_rank: int | None = None
         self.base_model: str = ""
         self.basis: Path | None = None  # Zhyper checkpoints: misses hand over codes (see vllm_t2l.codes)
-        self.on_evict = None  # set by the hooks: unregister names from vLLM
+        self.on_evict = None  # set by the hooks: (content id, names) -> unregister them from vLLM
         self._queue: list[tuple[AdapterSpec, Path, asyncio.Future]] = []
         self._worker: asyncio.Task | None = None
 
@@ -130,7 +156,14 @@ class T2LResolver(LoRAResolver):
                                   self._evicted)
         self.max_lora_rank, self.base_model = max_lora_rank, base_model
         if by_codes:
-            self.basis = codes.save_basis(self.cache.root, ckpt.hypernet)
+            self.basis = self.cache.root / codes.BASIS_FILE
+            try:
+                codes.save_basis(self.cache.root, ckpt.hypernet)
+            except OSError as e:  # written with the first adapter instead; base requests work meanwhile
+                if not _cache_problem(e):
+                    raise
+                log.error("vllm-t2l: %s (%s: %s); t2l: requests fail until it is writable",
+                          _cache_problem(e), self.cache.root, e)
         self._update_gauges()
         state = "TRAINED" if ckpt.trained else "UNTRAINED (adapters will not follow descriptions)"
         log.info("vllm-t2l: %s checkpoint %s (%s, id %s), embedder %s on %s (torch threads: %d), %d catalog names, "
@@ -139,7 +172,7 @@ class T2LResolver(LoRAResolver):
 
     def _evicted(self, key: str, registered: set[str]) -> None:
         if self.on_evict:
-            self.on_evict(registered)
+            self.on_evict(key, registered)
 
     def _update_gauges(self) -> None:
         metrics.ADAPTERS_RESIDENT.set(len(self.cache.entries))
@@ -147,9 +180,8 @@ class T2LResolver(LoRAResolver):
 
     # ---- the resolver API --------------------------------------------------------------------
 
-    async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
-        if not names.is_t2l_name(lora_name):
-            return None
+    async def resolve(self, lora_name: str) -> tuple[str, Path, bool]:
+        """(content id, folder, hit) for a ``t2l:`` name; AdapterRequestError with a message for the client."""
         if self.generator is None:
             raise AdapterRequestError("vllm-t2l is not started: the server was not launched through "
                                       "`vllm-t2l serve` or the plugin hooks failed to load")
@@ -166,14 +198,25 @@ class T2LResolver(LoRAResolver):
         key = spec.content_id(self.generator.id)
         try:
             path, hit = await self.cache.get(key, lambda tmp: self._generate(spec, tmp))
-        except Exception:
+        except Exception as e:
             metrics.GENERATION_ERRORS.inc()
-            log.exception("vllm-t2l: generation failed for %r", lora_name[:200])
-            raise AdapterRequestError("adapter generation failed; see the server log") from None
+            problem = _cache_problem(e)
+            if problem:
+                log.error("vllm-t2l: adapter %s not written: %s (%s: %s)", key, problem, self.cache.root, e)
+                raise AdapterRequestError(f"{problem}; base model requests still work") from None
+            log.exception("vllm-t2l: generation of adapter %s failed", key)
+            raise AdapterRequestError("adapter generation failed (the hypernetwork or writing the adapter "
+                                      "raised an error); see the server log") from None
         (metrics.CACHE_HITS if hit else metrics.CACHE_MISSES).inc()
-        self.cache.register(key, lora_name)
         self._update_gauges()
-        return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(path),
+        log.debug("vllm-t2l: adapter %s %s", key, "hit" if hit else "generated")
+        return key, path, hit
+
+    async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
+        if not names.is_t2l_name(lora_name):
+            return None
+        key, path, _ = await self.resolve(lora_name)
+        return LoRARequest(lora_name=adapter_name(key), lora_int_id=1, lora_path=str(path),
                            base_model_name=base_model_name)
 
     # ---- batched generation ----------------------------------------------------------------
@@ -207,6 +250,8 @@ class T2LResolver(LoRAResolver):
         timings: dict[str, float] = {}
         specs = [spec for spec, _ in jobs]
         c = self.generator.checkpoint.config
+        if self.basis and not self.basis.exists():
+            codes.save_basis(self.cache.root, self.generator.checkpoint.hypernet)
         made = self.generator.codes(specs, timings) if self.basis else self.generator.generate(specs, timings)
         start = time.perf_counter()
         for spec, (_, folder), adapter in zip(specs, jobs, made):
