@@ -44,6 +44,8 @@ BENCHMARKS = [
     Bench("throughput", ["--k", "1,4", "--min-requests", "4", "--rounds", "1", "--max-tokens", "16"]),
     Bench("scale", ["--n", "40", "--chunk", "20"], long=True),
     Bench("load", ["--requests", "40", "--descriptions", "16", "--concurrency", "8"]),
+    Bench("follow", ["--descriptions", "4", "--queries", "1", "--strengths", "1", "--max-tokens", "24"], "follow",
+          long=True),
     Bench("control", None, "control", long=True),
     Bench("quality", None, long=True),  # trains its baselines under runs/; writes quality/ itself
 ]
@@ -91,6 +93,14 @@ def _bars(out: Path) -> list[tuple[str, str, str, str]]:
         rows.append((f"load: {ld['requests']} requests, {ld['concurrency']} at a time: no errors, base = base alone",
                      f"{ld['errors']} errors, {ld['base_answers_differing']} base answers differing", verdict(ok),
                      "load.md"))
+    if f := _load(out / "follow", "follow"):
+        b, rec = f["bars"], f"{f['recommended']:g}"
+        rows += [(f"follow, strength {rec}: moved the asked way on >= 90% of descriptions", f"{b['moved']:.0%}",
+                  verdict(b["moved_met"]), "follow/follow.md"),
+                 (f"follow, strength {rec}: median shift >= 1.5x the system prompt's", f"{b['shift_ratio']:.2f}x",
+                  verdict(b["shift_met"]), "follow/follow.md"),
+                 (f"follow, strength {rec}: median perplexity <= 1.5x the system prompt's", f"{b['ppl_ratio']:.2f}x",
+                  verdict(b["ppl_met"]), "follow/follow.md")]
     return rows
 
 
