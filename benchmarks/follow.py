@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     parser.add_argument("--queries", type=int, default=4, help="held-out queries, spread over the split")
     parser.add_argument("--max-tokens", type=int, default=80)
-    parser.add_argument("--strengths", default="1,2,3", help="comma-separated adapter strengths to serve")
+    parser.add_argument("--strengths", default="1,1.5,2,2.5,3", help="comma-separated adapter strengths to serve")
     parser.add_argument("--recommended", type=float, default=RECOMMENDED_STRENGTH,
                         help="the strength the bars are read at (added to --strengths)")
     parser.add_argument("--guidance", type=float, default=2.0, help="g of the amplified teacher")
@@ -126,9 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    args = build_parser().parse_args()
-    if args.report:
-        write_report(json.loads(Path(args.report).read_text()), args.out)
+    parser = build_parser()
+    args = parser.parse_args()
+    if args.report:  # the bars can be read at any strength the run served
+        result = json.loads(Path(args.report).read_text())
+        if f"strength {args.recommended:g}" not in result["summary"]:
+            parser.error(f"--recommended {args.recommended:g} was not served in {args.report}")
+        write_report({**result, "recommended": args.recommended}, args.out)
         return
     started = time.time()
     descs = load_descriptions()[: args.descriptions or None]
