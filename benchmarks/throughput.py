@@ -58,8 +58,9 @@ class Workload:
         self.base, self.short, self.long = base, short, long
 
     def request(self, setup: str, i: int) -> tuple[str, str | None]:
-        return {"plain": (self.base, None), "base": (self.base, None), "static": (f"static-{i}", None), "t2l": ("t2l:" + self.short[i], None),
-                "sys-short": (self.base, self.short[i]), "sys-long": (self.base, self.long[i])}[setup]
+        return {"plain": (self.base, None), "base": (self.base, None), "static": (f"static-{i}", None),
+                "t2l": ("t2l:" + self.short[i], None), "sys-short": (self.base, self.short[i]),
+                "sys-long": (self.base, self.long[i])}[setup]
 
 
 async def cell(http: httpx.AsyncClient, server: ServerProcess, work: Workload, setup: str, k: int, rounds: int,
