@@ -58,7 +58,7 @@ class ServerProcess:
     def pid(self) -> int:
         return self.proc.pid
 
-    def start(self, timeout: float = 600) -> ServerProcess:
+    def start(self, timeout: float = 1800) -> ServerProcess:
         """Start the server and return once /health answers; raise with the log's tail if it does not."""
         cmd = [*self.command, *self.args]
         with open(self.log, "w") as log:
