@@ -42,6 +42,7 @@ BENCHMARKS = [
     Bench("cold_miss_minilm", ["--descriptions", "3"], "cold-miss-minilm", module="cold_miss",
           flags=("--checkpoint", str(MINILM_CHECKPOINT))),
     Bench("throughput", ["--k", "1,4", "--min-requests", "4", "--rounds", "1", "--max-tokens", "16"]),
+    Bench("lora_cost", None, long=True),  # six servers
     Bench("scale", ["--n", "40", "--chunk", "20"], long=True),
     Bench("control", None, "control", long=True),
     Bench("quality", None, long=True),  # trains its baselines under runs/; writes quality/ itself

@@ -1,4 +1,5 @@
-"""vLLM general plugin: runs in every vLLM process; registers the resolver, CPU op fixes and fast folder loads."""
+"""vLLM general plugin: runs in every vLLM process; registers the resolver, CPU op fixes (with torch.compile
+kept on), and fast folder loads."""
 
 import logging
 
