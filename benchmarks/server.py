@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +83,22 @@ async def stream_chat(http: httpx.AsyncClient, model: str, messages: list[dict[s
     elif not out.error:
         out.error = "no tokens"
     return out
+
+
+def plain_server(model: str | Path, log: Path, flags: Sequence[str] = ()) -> ServerProcess:
+    """The same model in plain vLLM: ``python -m vllm.entrypoints.openai.api_server`` with the flags
+    `vllm-t2l serve` adds that are not about LoRA (host, context length, CPU dtype and KV cache), no LoRA
+    flags, and no plugins (``VLLM_PLUGINS`` empty), which is what a user runs without this project."""
+    import torch
+
+    from vllm_t2l.cli import CPU_DEFAULTS, SERVE_DEFAULTS
+
+    defaults = [(f, v) for f, v in SERVE_DEFAULTS + ([] if torch.cuda.is_available() else CPU_DEFAULTS)
+                if "lora" not in f]
+    args = ["--model", str(model), *[x for f, v in defaults for x in (f, v) if x is not None], *flags]
+    env = {"VLLM_PLUGINS": ""} | ({} if torch.cuda.is_available() else {"VLLM_CPU_KVCACHE_SPACE": os.environ.get(
+        "VLLM_CPU_KVCACHE_SPACE", "2")})
+    return ServerProcess(args, log, env, command=[sys.executable, "-m", "vllm.entrypoints.openai.api_server"])
 
 
 def checked(t: Timing, what: str) -> Timing:

@@ -38,10 +38,15 @@ def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
 
 
 class ServerProcess:
-    """``vllm-t2l serve --port <free port> *args`` with ``env`` added to this process's environment."""
+    """``vllm-t2l serve --port <free port> *args`` with ``env`` added to this process's environment.
+
+    ``command`` replaces ``vllm-t2l serve`` (the benchmarks start plain vLLM with it, for comparison).
+    """
 
     def __init__(self, args: Sequence[str] = (), log: str | Path = "server.log",
-                 env: Mapping[str, str] | None = None, port: int | None = None):
+                 env: Mapping[str, str] | None = None, port: int | None = None,
+                 command: Sequence[str] | None = None):
+        self.command = list(command or [sys.executable, "-m", "vllm_t2l.cli", "serve"])
         self.port = port or free_port()
         self.args = ["--port", str(self.port), *args]
         self.env = {**os.environ, **(env or {})}
@@ -53,9 +58,9 @@ class ServerProcess:
     def pid(self) -> int:
         return self.proc.pid
 
-    def start(self, timeout: float = 600) -> ServerProcess:
+    def start(self, timeout: float = 1800) -> ServerProcess:
         """Start the server and return once /health answers; raise with the log's tail if it does not."""
-        cmd = [sys.executable, "-m", "vllm_t2l.cli", "serve", *self.args]
+        cmd = [*self.command, *self.args]
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                          start_new_session=True)

@@ -51,6 +51,15 @@ def test_startup_log_states_checkpoint(server, client):
     assert ("TRAINED checkpoint" in log) or ("UNTRAINED" in log)
 
 
+def test_lora_engine_is_compiled(server):
+    """vLLM's CPU platform alone runs a LoRA engine eagerly; with the plugin's LoRA op, the engine (whose
+    mixed-batch and peft tests below then run compiled) keeps the compilation mode of a plain engine."""
+    log = server.log.read_text()
+    assert "torch.compile stays on with LoRA" in log
+    engine = next(line for line in log.splitlines() if "Initializing a V1 LLM engine" in line)
+    assert "enforce_eager=False" in engine and "'mode': <CompilationMode.NONE" not in engine
+
+
 def test_description_adapter_is_deterministic(client):
     name = "t2l:Answer like a patient math tutor who explains every step."
     outs = {text(chat(client, name)) for _ in range(3)}

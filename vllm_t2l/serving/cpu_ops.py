@@ -12,8 +12,8 @@ batch. Rows with index -1 get nothing: shrink ops write zeros there (as a zero a
 expand ops leave them untouched (as the Triton kernels do). Signatures, defaults and in-place
 behaviour otherwise match the originals; products with a 16-bit output are computed in float32
 and rounded once (the originals compute in the output dtype), so results agree to rounding.
-The ops use data-dependent shapes, so they are meant for eager mode; vLLM 0.32 on CPU already
-forces ``CompilationMode.NONE`` whenever LoRA is enabled.
+The ops use data-dependent shapes and Python-level grouping, so they run eagerly: in a compiled
+model, ``serving.compiled_lora`` calls them from inside one opaque custom op per layer.
 
 Fixing the ops fixes every CPU LoRA path that uses -1: linear layers (``add_lora_linear``), the
 LoRA lm_head (``add_lora_logits``, indexed per request by ``sampler_indices``) and embeddings

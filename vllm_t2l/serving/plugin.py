@@ -1,4 +1,5 @@
-"""vLLM general plugin: runs in every vLLM process; registers the resolver, CPU op fixes and fast folder loads."""
+"""vLLM general plugin: runs in every vLLM process; registers the resolver, CPU op fixes (with torch.compile
+kept on), and fast folder loads."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ _resolver: T2LResolver | None = None
 def register() -> None:
     from vllm.lora.resolver import LoRAResolverRegistry
 
-    from vllm_t2l.serving import cpu_ops, hooks, worker_load
+    from vllm_t2l.serving import compiled_lora, cpu_ops, hooks, worker_load
     from vllm_t2l.serving.resolver import Settings, T2LResolver
 
     global _resolver
-    cpu_ops.install()
+    if cpu_ops.install():
+        compiled_lora.install()
     worker_load.install()
     _resolver = T2LResolver(Settings.from_env())
     LoRAResolverRegistry.register_resolver("vllm-t2l", _resolver)
