@@ -225,15 +225,18 @@ def bars(result: dict) -> dict:
     """The three bars at the recommended strength, against the system prompt."""
     s = result["summary"]
     rec, sp = s[f"strength {result['recommended']:g}"], s["system prompt"]
-    ratio = rec["median_shift"] / sp["median_shift"] if sp["median_shift"] > 0 else math.inf
+    # a system prompt that moves nothing leaves the ratio undefined, and an undefined ratio meets no bar
+    ratio = rec["median_shift"] / sp["median_shift"] if sp["median_shift"] > 0 else math.nan
     ppl_ratio = rec["median_ppl"] / sp["median_ppl"]
     return {"moved": rec["moved"], "moved_met": rec["moved"] >= 0.9, "shift_ratio": ratio,
-            "shift_met": rec["median_shift"] > 0 and ratio >= 1.5, "ppl_ratio": ppl_ratio,
+            "shift_met": ratio >= 1.5, "ppl_ratio": ppl_ratio,
             "ppl_met": ppl_ratio <= 1.5}
 
 
 def write_report(result: dict, out: Path) -> None:
     conditions, s, b = result["conditions"], result["summary"], bars(result)
+    rec_shift = s[f"strength {result['recommended']:g}"]["median_shift"]
+    sp_shift = s["system prompt"]["median_shift"]
     lines = ["# Following the description", "",
              f"`{result['command']}` ({result['date']}; {len(result['rows'])} held-out descriptions x "
              f"{len(result['queries'])} held-out queries, greedy, at most {result['max_tokens']} tokens; "
@@ -250,8 +253,10 @@ def write_report(result: dict, out: Path) -> None:
                              f"{v['median_ppl']:.2f}", f"{v['median_ppl'] / s['system prompt']['median_ppl']:.2f}",
                              f"{v['median_repetition']:.3f}"] for c, v in s.items()]), "",
              f"At the recommended strength {result['recommended']:g}: moved the asked way on {b['moved']:.0%} "
-             f"(bar 90%: {'met' if b['moved_met'] else 'NOT met'}); median shift {b['shift_ratio']:.2f}x the system "
-             f"prompt's (bar 1.5x: {'met' if b['shift_met'] else 'NOT met'}); median perplexity "
+             f"(bar 90%: {'met' if b['moved_met'] else 'NOT met'}); median shift {rec_shift:.2f} against the system "
+             f"prompt's {sp_shift:.2f}, " + (f"{b['shift_ratio']:.2f}x" if math.isfinite(b['shift_ratio']) else
+                                             "a ratio that is undefined when the system prompt moves nothing") +
+             f" (bar 1.5x: {'met' if b['shift_met'] else 'NOT met'}); median perplexity "
              f"{b['ppl_ratio']:.2f}x the system prompt's (bar <= 1.5x: {'met' if b['ppl_met'] else 'NOT met'}).", "",
              "## Per description (attribute means)", "",
              *report.table(["behaviour", "description", "attribute", "base", *conditions],

@@ -30,8 +30,9 @@ from typing import Literal
 PREFIX = "t2l:"
 MIX_PREFIX = "t2l-mix"
 CATALOG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-# The strength examples and docs recommend for the default checkpoint (benchmarks/results/follow/follow.md).
-RECOMMENDED_STRENGTH = 2.0
+# The strength the studio starts at and benchmarks.follow reads its bars at. The shipped checkpoints were not
+# trained with --guided-share, and their answers turn repetitive from about strength 2 (docs/experiments.md).
+RECOMMENDED_STRENGTH = 1.0
 HEAD = re.compile(r"^(t2l|t2l-mix)(?:\[([^\]]*)\])?:")
 Mode = Literal["weight", "emb"]
 

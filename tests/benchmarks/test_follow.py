@@ -47,3 +47,9 @@ def test_bars_read_the_recommended_strength_against_the_system_prompt():
     assert b["moved_met"] and b["shift_met"] and b["ppl_met"] and b["shift_ratio"] == pytest.approx(2.0)
     summary["strength 2"]["median_ppl"] = 3.01  # 1.505x the system prompt's
     assert not bars({"summary": summary, "recommended": 2.0})["ppl_met"]
+
+
+def test_a_system_prompt_that_moves_nothing_leaves_the_shift_bar_unmet():
+    summary = {"system prompt": {"moved": 0.3, "median_shift": 0.0, "median_ppl": 2.0},
+               "strength 2": {"moved": 0.5, "median_shift": 0.03, "median_ppl": 2.2}}
+    assert not bars({"summary": summary, "recommended": 2.0})["shift_met"]
