@@ -33,16 +33,6 @@ def secret() -> str:
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    return server.client()
-
-
-@pytest.fixture(scope="module")
-def base_model(client) -> str:
-    return client.models.list().data[0].id
-
-
-@pytest.fixture(scope="module")
 def secrets(client) -> list[str]:
     """Descriptions one client sent (each served), which the checks below read for as another client."""
     sent = [secret() for _ in range(3)]

@@ -35,16 +35,6 @@ def new_description() -> str:
     return f"Answer like a cheerful sailor who loves the sea. (test {uuid.uuid4().hex[:8]})"
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    return server.client()
-
-
-@pytest.fixture(scope="module")
-def base_model(client) -> str:
-    return client.models.list().data[0].id
-
-
 def test_startup_log_states_checkpoint(server, client):
     log = server.log.read_text()
     assert "vllm-t2l:" in log and "checkpoint" in log
