@@ -121,6 +121,17 @@ def server(tmp_path_factory) -> Server:
 
 # ---- unit fixtures (added) ----
 
+@pytest.fixture(scope="module")
+def client(server):
+    """An openai client of the session's real server."""
+    return server.client()
+
+
+@pytest.fixture(scope="module")
+def base_model(client) -> str:
+    return client.models.list().data[0].id
+
+
 @pytest.fixture(scope="session")
 def minilm():
     """The embedded all-MiniLM-L6-v2 as the checkpoints' Embedder, loaded once per session (offline)."""
