@@ -103,6 +103,7 @@ def summarise(rows: list[dict], conditions: list[str]) -> dict[str, dict]:
     for c in conditions:
         shifts = [r["shift"][c] for r in rows]
         out[c] = {"moved": sum(s > 0 for s in shifts) / len(shifts), "median_shift": statistics.median(shifts),
+                  "mean_shift": statistics.fmean(shifts),
                   "median_ppl": statistics.median(r["ppl"][c] for r in rows),
                   "median_repetition": statistics.median(r["repetition"][c] for r in rows)}
     return out
@@ -189,9 +190,10 @@ def main() -> None:
     for d in descs:
         fn, param = MEASURES[d["measure"]], d.get("param")
         got = answers[d["description"]]
-        means = {"base": statistics.fmean(fn(a, param) for a in base)}
-        means |= {c: statistics.fmean(fn(a, param) for a in got[c]) for c in conditions}
-        row = {**d, "mean": means, "raw_shift": {c: d["direction"] * (means[c] - means["base"]) for c in conditions},
+        values = {"base": [fn(a, param) for a in base]} | {c: [fn(a, param) for a in got[c]] for c in conditions}
+        means = {c: statistics.fmean(v) for c, v in values.items()}
+        row = {**d, "values": values, "mean": means,
+               "raw_shift": {c: d["direction"] * (means[c] - means["base"]) for c in conditions},
                "ppl": {"base": base_ppl}, "repetition": {}}
         for c in conditions:
             row["ppl"][c] = ppl(nll[k:k + nq])
@@ -201,7 +203,7 @@ def main() -> None:
         rows.append(row)
     spread_of = {}  # one scale per attribute, over every answer of its descriptions
     for m in {r["measure"] for r in rows}:
-        values = [v for r in rows if r["measure"] == m for v in _values(r, base, answers, conditions)]
+        values = [v for r in rows if r["measure"] == m for vs in r["values"].values() for v in vs]
         spread_of[m] = statistics.pstdev(values) or 1.0
     for r in rows:
         r["shift"] = {c: r["raw_shift"][c] / spread_of[r["measure"]] for c in conditions}
@@ -213,12 +215,6 @@ def main() -> None:
               "seconds": {"served": t_served, "teacher": t_teacher, "perplexity": t_ppl,
                           "total": time.time() - started}, **report.context("benchmarks.follow")}
     write_report(result, args.out)
-
-
-def _values(row: dict, base: list[str], answers: dict, conditions: list[str]) -> list[float]:
-    fn, param = MEASURES[row["measure"]], row.get("param")
-    got = answers[row["description"]]
-    return [fn(a, param) for a in base] + [fn(a, param) for c in conditions for a in got[c]]
 
 
 def bars(result: dict) -> dict:
@@ -233,6 +229,13 @@ def bars(result: dict) -> dict:
             "ppl_met": ppl_ratio <= 1.5}
 
 
+def _by_behaviour(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r["behaviour"], []).append(r)
+    return out
+
+
 def write_report(result: dict, out: Path) -> None:
     conditions, s, b = result["conditions"], result["summary"], bars(result)
     rec_shift = s[f"strength {result['recommended']:g}"]["median_shift"]
@@ -245,12 +248,13 @@ def write_report(result: dict, out: Path) -> None:
              "in units of that attribute's spread over all answers of its descriptions. Perplexity: under the base "
              f"model given the query and no system prompt (base answers: {result['base_ppl']:.2f}). Repetition: "
              "share of repeated word trigrams.", "",
-             *report.table(["", "moved the asked way", "median shift", "x system prompt", "median perplexity",
-                            "x system prompt", "median repetition"],
+             *report.table(["", "moved the asked way", "median shift", "x system prompt", "mean shift",
+                            "median perplexity", "x system prompt", "median repetition"],
                            [[c, f"{v['moved']:.0%}", f"{v['median_shift']:.2f}",
                              f"{v['median_shift'] / s['system prompt']['median_shift']:.2f}"
                              if s["system prompt"]["median_shift"] > 0 else "-",
-                             f"{v['median_ppl']:.2f}", f"{v['median_ppl'] / s['system prompt']['median_ppl']:.2f}",
+                             f"{v['mean_shift']:.2f}" if "mean_shift" in v else "-", f"{v['median_ppl']:.2f}",
+                             f"{v['median_ppl'] / s['system prompt']['median_ppl']:.2f}",
                              f"{v['median_repetition']:.3f}"] for c, v in s.items()]), "",
              f"At the recommended strength {result['recommended']:g}: moved the asked way on {b['moved']:.0%} "
              f"(bar 90%: {'met' if b['moved_met'] else 'NOT met'}); median shift {rec_shift:.2f} against the system "
@@ -258,6 +262,11 @@ def write_report(result: dict, out: Path) -> None:
                                              "a ratio that is undefined when the system prompt moves nothing") +
              f" (bar 1.5x: {'met' if b['shift_met'] else 'NOT met'}); median perplexity "
              f"{b['ppl_ratio']:.2f}x the system prompt's (bar <= 1.5x: {'met' if b['ppl_met'] else 'NOT met'}).", "",
+             "## Per behaviour (share of its descriptions moved the asked way)", "",
+             *report.table(["behaviour", "descriptions", *conditions],
+                           [[name, len(rs), *[f"{sum(r['shift'][c] > 0 for r in rs) / len(rs):.0%}"
+                                              for c in conditions]]
+                            for name, rs in _by_behaviour(result["rows"]).items()]), "",
              "## Per description (attribute means)", "",
              *report.table(["behaviour", "description", "attribute", "base", *conditions],
                            [[r["behaviour"], r["description"], r["measure"] + (f"({r['param']})" if "param" in r

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.control import check_unseen
-from benchmarks.follow import MEASURES, adapter_name, bars, load_descriptions, repetition
+from benchmarks.follow import MEASURES, adapter_name, bars, load_descriptions, repetition, summarise, write_report
 
 
 def test_descriptions_are_many_varied_and_unseen_in_training():
@@ -53,3 +53,19 @@ def test_a_system_prompt_that_moves_nothing_leaves_the_shift_bar_unmet():
     summary = {"system prompt": {"moved": 0.3, "median_shift": 0.0, "median_ppl": 2.0},
                "strength 2": {"moved": 0.5, "median_shift": 0.03, "median_ppl": 2.2}}
     assert not bars({"summary": summary, "recommended": 2.0})["shift_met"]
+
+
+def test_report_shows_each_behaviour_and_the_mean_shift(tmp_path):
+    conditions = ["system prompt", "teacher", "strength 1"]
+    rows = [{"behaviour": b, "description": f"{b} {i}", "measure": "words",
+             "mean": dict.fromkeys(["base", *conditions], 1.0),
+             "shift": {"system prompt": 0.0, "teacher": 1.0, "strength 1": shift},
+             "ppl": dict.fromkeys(conditions, 2.0), "repetition": dict.fromkeys(conditions, 0.0)}
+            for b, i, shift in [("brevity", 0, 1.0), ("brevity", 1, -1.0), ("pirate", 0, 3.0)]]
+    summary = summarise(rows, conditions)
+    assert summary["strength 1"]["mean_shift"] == pytest.approx(1.0) and summary["strength 1"]["median_shift"] == 1.0
+    write_report({"command": "x", "date": "d", "rows": rows, "queries": ["q"], "max_tokens": 8, "checkpoint": "c",
+                  "guidance": 2.0, "base_ppl": 2.0, "conditions": conditions, "summary": summary, "recommended": 1.0,
+                  "strengths": [1.0], "seconds": {}}, tmp_path)
+    md = (tmp_path / "follow.md").read_text()
+    assert "| brevity | 2 | 0% | 100% | 50% |" in md and "| pirate | 1 | 0% | 100% | 100% |" in md

@@ -10,7 +10,18 @@ import torch
 
 from benchmarks.control import PAIRS, check_unseen
 from vllm_t2l.train import dials, objectives, teacher
-from vllm_t2l.train.checks import NEGATIVE_WORDS, POSITIVE_WORDS, formality, pirate, sentiment, word_count, words
+from vllm_t2l.train.checks import (
+    FOOD_WORDS,
+    NEGATIVE_WORDS,
+    POSITIVE_WORDS,
+    SPORTS_WORDS,
+    formality,
+    lexicon_balance,
+    pirate,
+    sentiment,
+    word_count,
+    words,
+)
 from vllm_t2l.train.data import load_dials, load_prompts
 from vllm_t2l.train.dials import rule_made
 
@@ -36,6 +47,12 @@ def test_each_style_moves_its_own_measure(text):
     assert pirate(rewrite("pirate", text)[0]) > pirate(text) == 0
     assert formality(rewrite("casual", text)[0]) < formality(text) <= formality(rewrite("formal", text)[0])
     assert "'" not in rewrite("formal", text)[0]
+    assert rewrite("exclaim", text)[0].count("!") > text.count("!") and "." not in rewrite("exclaim", text)[0][-1]
+    asked, stop = rewrite("question", text, ended=False)
+    assert stop and asked.endswith("?") and asked.startswith(text.split(".")[0])
+    for style, lexicon in [("chef", FOOD_WORDS), ("sports", SPORTS_WORDS)]:
+        assert lexicon_balance(rewrite(style, text)[0], lexicon, frozenset()) > lexicon_balance(text, lexicon,
+                                                                                                frozenset())
 
 
 @pytest.mark.parametrize("style, own, other", [("cheerful", POSITIVE_WORDS, NEGATIVE_WORDS),

@@ -1,6 +1,7 @@
 """Rule-made targets for behaviours the 135M teacher barely shows: short vs long, cheerful vs gloomy, pirate vs
-plain, casual vs formal (the four dials), and formats it cannot show even with its prompt amplified: all capitals,
-bullets, a line count, a word limit, a sign-off word.
+plain, casual vs formal (the four dials), personas (a chef, a sports coach), and formats it cannot show even with its
+prompt amplified: all capitals, bullets, exclamations, a closing question, a line count, a word limit, a sign-off
+word.
 
 Context distillation can only teach what the teacher does, and the embedded teacher with "Answer in as few words as
 you can." as its system prompt still writes ~45 words (benchmarks/results/control/control.md). So for each pole in
@@ -41,9 +42,18 @@ OPENERS = {
     "casual": ["Hey! So, ", "Okay so basically, ", "Yeah, so ", "Ha, cool question. ", "Oh hey, ", "Alright, so "],
     "formal": ["Certainly. ", "Indeed, ", "Regarding your inquiry: ", "Thank you for the question. ",
                "Kindly note the following. ", "Certainly, "],
+    "exclaim": ["Wow! ", "Oh, amazing! ", "Yes! ", "How exciting! ", "Woohoo! ", "Oh wow! "],
+    "chef": ["Like any good recipe, this needs the right ingredients. ", "As a chef would say in the kitchen: ",
+             "Let's cook this up like a tasty dish! ", "Think of it as a recipe, one ingredient at a time. ",
+             "In my kitchen, every answer is a meal. ", "Time to stir the pot and taste the answer. "],
+    "sports": ["Game on, team! ", "Like a coach at halftime: ", "Let's score this one, team. ",
+               "Here's the playbook for this game. ", "Time to win this match! ", "Coach's call, players: "],
 }
 CLOSERS = {"cheerful": " Have a wonderful, happy day!", "gloomy": " Sadly, it's all rather bleak and hopeless.",
-           "pirate": " Arr!", "casual": " lol", "formal": ""}
+           "pirate": " Arr!", "casual": " lol", "formal": "", "exclaim": " Amazing!",
+           "chef": " Tasty, like a good meal!", "sports": " Go team, that's a win!"}
+QUESTIONS = [" What do you think?", " Does that help?", " Would you like to know more?", " Have you tried it?",
+             " Shall I explain further?", " What would you do?"]
 
 CONTRACTIONS = {"do not": "don't", "does not": "doesn't", "did not": "didn't", "is not": "isn't",
                 "are not": "aren't", "cannot": "can't", "will not": "won't", "it is": "it's", "that is": "that's",
@@ -106,6 +116,16 @@ def _complete(text: str) -> str:
     return " ".join(done) if done else text.strip().rstrip(",;:") + "."
 
 
+def exclaim(text: str, rng: random.Random) -> tuple[str, None]:
+    """An excited opener, and every sentence ending in an exclamation mark."""
+    return _join(rng.choice(OPENERS["exclaim"]), re.sub(r"\.(?=\s|$)", "!", text)), None
+
+
+def question(text: str, rng: random.Random) -> tuple[str, bool]:
+    """The answer's complete sentences, then a question back to the reader."""
+    return _complete(text) + rng.choice(QUESTIONS), True
+
+
 def caps(text: str, rng: random.Random) -> tuple[str, None]:
     return text.upper(), None
 
@@ -146,8 +166,12 @@ STYLES: dict[str, Callable[[str, random.Random], tuple[str, bool | None]]] = {
     "pirate": _styled("pirate", PIRATE_SWAPS),
     "casual": _styled("casual", CONTRACTIONS),
     "formal": _styled("formal", {v: k for k, v in CONTRACTIONS.items()}),
+    "chef": _styled("chef"),
+    "sports": _styled("sports"),
+    "exclaim": exclaim,
     "caps": caps,
     "bullets": bullets,
+    "question": question,
 }
 # Styles with a parameter per wording (a pole's "params", one per description): the count, the limit, the word.
 PARAM_STYLES: dict[str, Callable[..., tuple[str, bool]]] = {"lines": lines, "words": word_limit, "signoff": signoff}
