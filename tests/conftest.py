@@ -112,6 +112,32 @@ class Server(ServerProcess):
         return OpenAI(base_url=self.base_url + "/v1", api_key="none", max_retries=0, **kw)
 
 
+def peft_logprobs(adapter: Path, messages: list[dict], answer: list[int]) -> tuple[list[float], list[float]]:
+    """Log-probabilities of ``answer``'s tokens under the embedded model with the PEFT folder ``adapter``, and
+    without it: the reference any served or exported adapter is checked against."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_t2l.models import prepare_default_model
+
+    model_dir = prepare_default_model()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                      adapter).eval()
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                     return_dict=True)["input_ids"]
+    ids = torch.cat([prompt, torch.tensor([answer])], dim=1)
+
+    def scores() -> list[float]:
+        logp = torch.log_softmax(model(ids).logits[0, prompt.shape[1] - 1:-1].float(), -1)
+        return [logp[i, a].item() for i, a in enumerate(answer)]
+
+    with torch.no_grad():
+        with_adapter = scores()
+        with model.disable_adapter():
+            return with_adapter, scores()
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory) -> Server:
     """`vllm-t2l serve` on the embedded default, started once for the whole session."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from conftest import peft_logprobs
 
 pytestmark = pytest.mark.server
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -153,12 +154,6 @@ def test_metrics_exported(server, client):
 @pytest.mark.parametrize("strength", [1.0, 2.5])
 def test_exported_adapter_matches_peft(server, client, tmp_path, strength):
     """`vllm-t2l generate` writes the same adapter the server serves, at any strength; peft reproduces its logprobs."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from vllm_t2l.models import default_model_path
-
     desc = "Answer like a patient math tutor who explains every step."
     out = tmp_path / "adapter"
     subprocess.run([sys.executable, "-m", "vllm_t2l.cli", "generate", "--description", desc,
@@ -169,17 +164,7 @@ def test_exported_adapter_matches_peft(server, client, tmp_path, strength):
     resp = chat(client, f"t2l[strength={strength}]:" + desc if strength != 1 else "t2l:" + desc, max_tokens=10,
                 logprobs=True)
     served = resp.choices[0].logprobs.content
-    model_dir = default_model_path()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, out).eval()
-    prompt = tok.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt",
-                                     return_dict=True)["input_ids"]
-    answer = [int(t.token.removeprefix("token_id:")) for t in served]
-    ids = torch.cat([prompt, torch.tensor([answer])], dim=1)
-    with torch.no_grad():
-        logp = torch.log_softmax(model(ids).logits[0, prompt.shape[1] - 1:-1].float(), -1)
-    ours = [logp[i, a].item() for i, a in enumerate(answer)]
+    ours, _ = peft_logprobs(out, QUESTION, [int(t.token.removeprefix("token_id:")) for t in served])
     assert ours == pytest.approx([t.logprob for t in served], abs=5e-3)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import peft_logprobs
 
 from vllm_t2l.hypernet import BaseShapes
 from vllm_t2l.launch import ServerProcess
@@ -119,9 +120,6 @@ def served_logprobs(client, model: str) -> tuple[list[int], list[float]]:
 
 
 def test_imported_folder_serves_what_peft_computes(imported, served, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     _, ckpt = imported
     server, client = served
     desc = "Answer like a patient math tutor who explains every step"
@@ -131,21 +129,9 @@ def test_imported_folder_serves_what_peft_computes(imported, served, tmp_path):
     out = tmp_path / "adapter"
     subprocess.run([sys.executable, "-m", "vllm_t2l.cli", "generate", "--checkpoint", str(ckpt), "--description",
                     desc, "--out", str(out)], check=True, capture_output=True, timeout=300)
-    model_dir = prepare_default_model()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, out).eval()
-    prompt = tok.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt",
-                                     return_dict=True)["input_ids"]
-    ids = torch.cat([prompt, torch.tensor([answer])], dim=1)
-    with torch.no_grad():
-        logp = torch.log_softmax(model(ids).logits[0, prompt.shape[1] - 1:-1].float(), -1)
-        with model.disable_adapter():
-            base_logp = torch.log_softmax(model(ids).logits[0, prompt.shape[1] - 1:-1].float(), -1)
-    ours = [logp[i, a].item() for i, a in enumerate(answer)]
+    ours, without = peft_logprobs(out, QUESTION, answer)
     assert ours == pytest.approx(logprobs, abs=5e-3)
     # the adapter really changes the model, so the match above is not the base model's twice
-    without = [base_logp[i, a].item() for i, a in enumerate(answer)]
     assert max(abs(a - b) for a, b in zip(ours, without)) > 0.05, (ours, without)
     assert (answer, logprobs) != (base_answer, base_logprobs)
     assert "checkpoint" in server.log.read_text()
