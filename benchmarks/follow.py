@@ -186,13 +186,14 @@ def main() -> None:
         return math.exp(sum(s for s, _ in scores) / tokens) if tokens else math.nan
 
     base_ppl = ppl(nll[:nq])
-    rows, k = [], nq
+    rows, k, values_of = [], nq, {}
     for d in descs:
         fn, param = MEASURES[d["measure"]], d.get("param")
         got = answers[d["description"]]
         values = {"base": [fn(a, param) for a in base]} | {c: [fn(a, param) for a in got[c]] for c in conditions}
         means = {c: statistics.fmean(v) for c, v in values.items()}
-        row = {**d, "values": values, "mean": means,
+        values_of[d["description"]] = values
+        row = {**d, "mean": means,
                "raw_shift": {c: d["direction"] * (means[c] - means["base"]) for c in conditions},
                "ppl": {"base": base_ppl}, "repetition": {}}
         for c in conditions:
@@ -203,7 +204,8 @@ def main() -> None:
         rows.append(row)
     spread_of = {}  # one scale per attribute, over every answer of its descriptions
     for m in {r["measure"] for r in rows}:
-        values = [v for r in rows if r["measure"] == m for vs in r["values"].values() for v in vs]
+        values = [v for r in rows if r["measure"] == m
+                  for vs in values_of[r["description"]].values() for v in vs]
         spread_of[m] = statistics.pstdev(values) or 1.0
     for r in rows:
         r["shift"] = {c: r["raw_shift"][c] / spread_of[r["measure"]] for c in conditions}

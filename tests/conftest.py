@@ -145,8 +145,6 @@ def server(tmp_path_factory) -> Server:
         yield srv
 
 
-# ---- unit fixtures (added) ----
-
 @pytest.fixture(scope="module")
 def client(server):
     """An openai client of the session's real server."""
@@ -157,6 +155,8 @@ def client(server):
 def base_model(client) -> str:
     return client.models.list().data[0].id
 
+
+# ---- unit fixtures (added) ----
 
 @pytest.fixture(scope="session")
 def minilm():
