@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,11 +117,26 @@ def spread(items: list[str], n: int) -> list[str]:
     return items[:: max(1, len(items) // n)][:n]
 
 
+# Word-set overlap (Jaccard) from which a held-out wording counts as a near-copy of a training one: "Answer as a
+# bulleted list." against "Format every answer as a bulleted list." is 0.71; unrelated wordings of one behaviour
+# stay below 0.5.
+NEAR_COPY = 0.6
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(re.findall(r"[a-z']+", text.lower()))
+
+
 def check_unseen(descriptions: list[str]) -> None:
-    """Refuse wordings that are training prompts or dial poles: the curves must show generalisation."""
-    trained = {d for p in data.load_prompts() + data.load_dials() for d in p["descriptions"]}
+    """Refuse wordings that are training prompts or dial poles, or near-copies of one (a reworded training
+    line measures memory, not generalisation)."""
+    trained = {d: _words(d) for p in data.load_prompts() + data.load_dials() for d in p["descriptions"]}
     if clash := [d for d in descriptions if d in trained]:
         raise SystemExit(f"these descriptions are in the training data: {clash}")
+    near = [(d, t) for d in descriptions for t, tw in trained.items()
+            if len(_words(d) & tw) >= NEAR_COPY * len(_words(d) | tw)]
+    if near:
+        raise SystemExit(f"these descriptions are near-copies of training wordings: {near}")
 
 
 def pick_grid(points: int) -> list[float]:

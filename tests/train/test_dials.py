@@ -97,6 +97,9 @@ def test_dial_data_names_known_styles_in_new_wordings():
     check_unseen([d for pair in PAIRS for d in (pair.a, pair.b)])  # the control wordings stay held out
     with pytest.raises(SystemExit, match="training data"):
         check_unseen([poles[0]["descriptions"][0]])
+    reworded = "Please, " + poles[0]["descriptions"][0].lower()  # one more word is still the same wording
+    with pytest.raises(SystemExit, match="near-copies"):
+        check_unseen([reworded])
 
 
 def test_pairs_give_each_pole_its_queries_and_every_wording():
