@@ -17,6 +17,7 @@ from vllm.platforms import current_platform
 from vllm_t2l.serving import cpu_ops
 
 cpu_ops.uninstall()  # in case something in this process installed them already
+USE_DENSE = cpu_ops._use_dense  # the autouse fixture below replaces it
 REF = {name: getattr(lora_ops, name) for name in cpu_ops.GROUPED_OPS}
 assert all(f.__module__ == lora_ops.__name__ for f in REF.values())
 
@@ -474,3 +475,12 @@ def test_inference_mode_weights_are_memoised_until_vllm_loads_an_adapter(clean_i
     assert LoRAModelManager.activate_adapter.__qualname__.endswith("counted")
     cpu_ops.uninstall()
     assert not LoRAModelManager.activate_adapter.__qualname__.endswith("counted")
+
+
+@pytest.mark.parametrize("slots_total, dense", [(4, True), (8, True), (16, False)])
+def test_dense_path_only_when_most_slots_are_in_use(slots_total, dense):
+    """A decode batch of 4 tokens on 4 adapters: the dense product reads every slot's weights, so with
+    16 slots (12 of them unused here) the grouped path is taken."""
+    plan = cpu_ops._plan(torch.tensor([0, 1, 2, 3]))
+    assert USE_DENSE(plan, slots_total, 16) is dense
+    assert not USE_DENSE(cpu_ops._plan(torch.tensor([2, 2, 2, 2])), 4, 16)  # one adapter: grouped
