@@ -133,8 +133,8 @@ def check_unseen(descriptions: list[str]) -> None:
     trained = {d: _words(d) for p in data.load_prompts() + data.load_dials() for d in p["descriptions"]}
     if clash := [d for d in descriptions if d in trained]:
         raise SystemExit(f"these descriptions are in the training data: {clash}")
-    near = [(d, t) for d in descriptions for t, tw in trained.items()
-            if len(_words(d) & tw) >= NEAR_COPY * len(_words(d) | tw)]
+    near = [(d, t) for d, dw in ((d, _words(d)) for d in descriptions) for t, tw in trained.items()
+            if len(dw & tw) >= NEAR_COPY * len(dw | tw)]
     if near:
         raise SystemExit(f"these descriptions are near-copies of training wordings: {near}")
 
