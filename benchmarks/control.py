@@ -66,8 +66,9 @@ PAIRS = [
 ]
 
 
-def mix_name(pair: Pair, mode: Mode, w: float) -> str:
-    return f"t2l-mix[{mode}]:{1 - w!r}*{pair.a}||{w!r}*{pair.b}"
+def mix_name(pair: Pair, mode: Mode, w: float, strength: float = 1.0) -> str:
+    options = mode if strength == 1 else f"{mode},strength={strength:g}"
+    return f"t2l-mix[{options}]:{1 - w!r}*{pair.a}||{w!r}*{pair.b}"
 
 
 def spearman(x: list[float], y: list[float]) -> float:
@@ -155,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--samples", type=int, default=2, help="answers per query and point (sampled)")
     parser.add_argument("--temperature", type=float, default=0.7, help="0: one greedy answer per query")
+    parser.add_argument("--strength", type=float,
+                        help="the strength every mix is served at (default: the one the checkpoint recommends)")
     parser.add_argument("--out", default="benchmarks/results/control")
     parser.add_argument("--work", default="runs/control")
     parser.add_argument("--report", metavar="JSON", help="only rewrite the tables and plot from a control.json")
@@ -173,13 +176,14 @@ def main() -> None:
 
     model_dir = prepare_default_model()
     gen = Generator.load(args.checkpoint)
+    strength = gen.checkpoint.recommended_strength if args.strength is None else args.strength
     points = [(p, mode, w) for p in pairs for mode in MODES for w in grid]
-    specs: list[AdapterSpec] = [parse(mix_name(p, mode, w)) for p, mode, w in points]
+    specs: list[AdapterSpec] = [parse(mix_name(p, mode, w, strength)) for p, mode, w in points]
     work = Path(args.work)
     folders, ends = [], {}
     for (p, mode, w), spec, lora in zip(points, specs, gen.generate(specs)):
         folder = work / "adapters" / spec.content_id(gen.id)
-        folders.append(str(lora.save_peft(folder, model_dir.name, {"name": mix_name(p, mode, w),
+        folders.append(str(lora.save_peft(folder, model_dir.name, {"name": mix_name(p, mode, w, strength),
                                                                     "checkpoint": gen.id})))
         if mode == "weight" and w in (0.0, 1.0):
             ends[p.name, w] = lora
@@ -217,13 +221,14 @@ def main() -> None:
 
     result = {
         "checkpoint": {"path": args.checkpoint, "id": gen.id, "arch": gen.checkpoint.config.arch},
+        "strength": strength,
         "queries": queries, "max_tokens": args.max_tokens, "grid": grid,
         "samples": 1 if greedy else args.samples, "temperature": args.temperature,
         "pairs": [vars(p) for p in pairs],
         "adapter_distance": distance,  # ||dW_B - dW_A|| / ||dW_A|| over all layers and modules
         "references": {name: {"mean": summarise(rows[("ref", name)]), "per_query": rows[("ref", name)]}
                        for name in refs},
-        "points": [{"pair": p.name, "mode": mode, "w": w, "name": mix_name(p, mode, w),
+        "points": [{"pair": p.name, "mode": mode, "w": w, "name": mix_name(p, mode, w, strength),
                     "adapter": Path(folders[i]).name, "mean": summarise(rows[("point", i)]),
                     "per_query": rows[("point", i)]} for i, (p, mode, w) in enumerate(points)],
     }
@@ -283,7 +288,8 @@ def write_report(result: dict, pairs: list[Pair], out: Path) -> None:
            "by every w (common random numbers)")
     lines = [f"# Control curves ({ck['arch']} checkpoint {ck['id'][:12]})", "",
              f"{len(result['queries'])} held-out queries, {how}, at most {result['max_tokens']} tokens. Adapter = "
-             "(1-w)·A + w·B. Attribute: mean over the answers. Spearman: attribute vs w over the points in "
+             f"(1-w)·A + w·B at strength {result.get('strength', 1.0):g}. Attribute: mean over the answers. "
+             "Spearman: attribute vs w over the points in "
              "[0, 1]. ppl ratio: highest perplexity on [0, 1] / the higher of the two endpoints (perplexity of "
              "the answers under the base model given the query, no system prompt). Bar: weight space, "
              f"Spearman ≥ {SPEARMAN_BAR} and ppl ratio ≤ {PPL_BAR}.", "",

@@ -31,9 +31,9 @@ from pathlib import Path
 
 from benchmarks import report
 from benchmarks.control import answer_nll, check_unseen, spread
+from vllm_t2l import checkpoint
 from vllm_t2l.launch import ServerProcess
 from vllm_t2l.models import DEFAULT_CHECKPOINT, prepare_default_model
-from vllm_t2l.names import RECOMMENDED_STRENGTH
 from vllm_t2l.train import checks, data
 from vllm_t2l.train.student import Student
 
@@ -116,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--queries", type=int, default=4, help="held-out queries, spread over the split")
     parser.add_argument("--max-tokens", type=int, default=80)
     parser.add_argument("--strengths", default="1,1.5,2,2.5,3", help="comma-separated adapter strengths to serve")
-    parser.add_argument("--recommended", type=float, default=RECOMMENDED_STRENGTH,
-                        help="the strength the bars are read at (added to --strengths)")
+    parser.add_argument("--recommended", type=float,
+                        help="the strength the bars are read at (added to --strengths; default: the one the "
+                             "checkpoint recommends, or the run's own with --report)")
     parser.add_argument("--guidance", type=float, default=2.0, help="g of the amplified teacher")
     parser.add_argument("--descriptions", type=int, default=0, help="use the first N descriptions (0: all)")
     parser.add_argument("--parallel", type=int, default=16, help="requests in flight")
@@ -131,11 +132,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.report:  # the bars can be read at any strength the run served
         result = json.loads(Path(args.report).read_text())
+        args.recommended = result["recommended"] if args.recommended is None else args.recommended
         if f"strength {args.recommended:g}" not in result["summary"]:
             parser.error(f"--recommended {args.recommended:g} was not served in {args.report}")
         write_report({**result, "recommended": args.recommended}, args.out)
         return
     started = time.time()
+    if args.recommended is None:
+        args.recommended = checkpoint.load(args.checkpoint).recommended_strength
     descs = load_descriptions()[: args.descriptions or None]
     check_unseen([d["description"] for d in descs])
     queries = spread([q["text"] for q in data.load_queries() if q["split"] != "train"], args.queries)

@@ -45,10 +45,10 @@ def rand_lora(seed: int, rank: int = 4, modules=("q_proj", "v_proj"), alpha: flo
 
 
 def make_hypernet(arch: str, shapes: BaseShapes, emb_dim: int = 384, seed: int = 0,
-                  randomize: bool = True) -> HyperNet:
+                  randomize: bool = True, follow: bool = False) -> HyperNet:
     """A hypernetwork whose heads are random (not the zero init), so outputs depend on the input."""
     torch.manual_seed(seed)
-    net = HyperNet(HyperConfig(arch=arch, emb_dim=emb_dim, latent=32, head_in=48), shapes)
+    net = HyperNet(HyperConfig(arch=arch, emb_dim=emb_dim, latent=32, head_in=48, follow=follow), shapes)
     if randomize:
         with torch.no_grad():
             for p in net.parameters():
@@ -61,12 +61,12 @@ def hypernet_factory(tiny_shapes):
     return lambda arch, **kw: make_hypernet(arch, kw.pop("shapes", tiny_shapes), **kw)
 
 
-def tiny_generator(arch: str, root: Path, embedder, seed: int = 0):
+def tiny_generator(arch: str, root: Path, embedder, seed: int = 0, follow: bool = False):
     """A Generator for the tiny shapes, through a saved and loaded checkpoint, with the given embedder."""
     from vllm_t2l import checkpoint as ckpt_mod
     from vllm_t2l.generator import Generator
 
-    net = make_hypernet(arch, BaseShapes.from_config(TINY_CONFIG, ("q_proj", "v_proj")), seed=seed)
+    net = make_hypernet(arch, BaseShapes.from_config(TINY_CONFIG, ("q_proj", "v_proj")), seed=seed, follow=follow)
     return Generator(ckpt_mod.load(Checkpoint(net, embedder.config).save(root / "ckpt")), embedder)
 
 
@@ -74,6 +74,21 @@ def tiny_generator(arch: str, root: Path, embedder, seed: int = 0):
 def zgen(tmp_path_factory, minilm):
     """A zhyper-diag generator (the same as tiny_checkpoint's), sharing the session's MiniLM."""
     return tiny_generator("zhyper-diag", tmp_path_factory.mktemp("zhyper"), minilm)
+
+
+@pytest.fixture(scope="module")
+def fgen(tmp_path_factory, minilm):
+    """A zhyper-diag generator with a follow network, sharing the session's MiniLM."""
+    return tiny_generator("zhyper-diag", tmp_path_factory.mktemp("follow"), minilm, seed=5, follow=True)
+
+
+def first_network(net: HyperNet) -> HyperNet:
+    """A follow network's first network alone: what it serves at strength 1."""
+    from dataclasses import replace
+
+    first = HyperNet(replace(net.config, follow=False), net.shapes)
+    first.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("follow.")})
+    return first.eval()
 
 
 @pytest.fixture(scope="module")

@@ -56,6 +56,22 @@ def test_round_trip(arch, tmp_path, tiny_shapes):
     assert_same_outputs(net, back.hypernet)
 
 
+def test_a_follow_network_round_trips(tmp_path, tiny_shapes):
+    net = make_hypernet("zhyper-diag", tiny_shapes, seed=3, follow=True)
+    back = ckpt_mod.load(Checkpoint(net, EMB_CFG).save(tmp_path / "c"))
+    assert back.config.follow and back.hypernet.follow is not None
+    assert_same_outputs(net, back.hypernet)
+    with torch.no_grad():
+        x = torch.randn(2, EMB_CFG.dim)
+        assert all(torch.equal(a, b) for a, b in zip(net.codes(x).values(), back.hypernet.codes(x).values()))
+
+
+@pytest.mark.parametrize("card,want", [({}, 1.0), ({"recommended_strength": 2}, 2.0),
+                                       ({"recommended_strength": "2"}, 1.0), ({"recommended_strength": 9}, 1.0)])
+def test_recommended_strength_comes_from_the_card(card, want, tiny_shapes):
+    assert Checkpoint(make_hypernet("zhyper-diag", tiny_shapes), EMB_CFG, card=card).recommended_strength == want
+
+
 def test_config_json_contents(tiny_checkpoint):
     meta = json.loads((tiny_checkpoint / CONFIG).read_text())
     assert meta["format"] == "vllm-t2l" and meta["version"] == 2

@@ -23,21 +23,22 @@ def square(tmp_path_factory, minilm):
     return tiny_generator("zhyper-square", tmp_path_factory.mktemp("square"), minilm, seed=2)
 
 
-@pytest.mark.parametrize("which", ["zgen", "square"])
+@pytest.mark.parametrize("which", ["zgen", "square", "fgen"])
 def test_codes_folders_expand_to_the_generated_adapter(which, request, tmp_path):
     gen = request.getfixturevalue(which)
-    specs = [parse(n) for n in NAMES]
+    specs = [parse(n) for n in [*NAMES, "t2l[strength=2]:Talk like a pirate."]]
     basis = codes.save_basis(tmp_path, gen.checkpoint.hypernet)
     c = gen.checkpoint.config
-    for i, (z, want) in enumerate(zip(gen.codes(specs), gen.generate(specs))):
-        folder = tmp_path / str(i)
-        codes.save(folder, z, basis, "tiny-llama", c.alpha, c.use_rslora, {"checkpoint": gen.id})
-        got = codes.expand(folder, c.alpha, c.use_rslora)
+    for i, (spec, z, want) in enumerate(zip(specs, gen.codes(specs), gen.generate(specs))):
+        folder, alpha = tmp_path / str(i), c.alpha_for(gen.rank_of(spec))
+        codes.save(folder, z, basis, "tiny-llama", alpha, c.use_rslora, {"checkpoint": gen.id})
+        got = codes.expand(folder, alpha, c.use_rslora)
         assert (got.alpha, got.use_rslora, got.rank) == (want.alpha, want.use_rslora, want.rank)
         for m in want.A:
             assert torch.equal(got.A[m], want.A[m]) and torch.equal(got.B[m], want.B[m])
         config = json.loads((folder / CONFIG_FILE).read_text())
-        assert (config["r"], config["lora_alpha"], config["target_modules"]) == (c.rank, c.alpha, ["q_proj", "v_proj"])
+        assert (config["r"], config["lora_alpha"], config["target_modules"]) == (gen.rank_of(spec), alpha,
+                                                                                 ["q_proj", "v_proj"])
         meta = json.loads((folder / METADATA_FILE).read_text())
         assert meta == {"checkpoint": gen.id, "basis": f"../{codes.BASIS_FILE}"}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_hypernet
+from conftest import first_network, make_hypernet
 
 from vllm_t2l import checkpoint as ckpt_mod
 from vllm_t2l.checkpoint import Checkpoint, CheckpointError
@@ -122,6 +122,25 @@ def test_strength_scales_the_update_exactly(which, name, request):
     for m in plain.A:
         for i in range(plain.n_layers):
             torch.testing.assert_close(strong.delta(m, i), 2.5 * plain.delta(m, i), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["t2l:Be kind.", "t2l-mix:0.6*Be kind.||0.4*Be brief.",
+                                  "t2l-mix[emb]:0.6*Be kind.||0.4*Be brief."])
+def test_a_follow_checkpoint_serves_its_first_network_at_strength_one_and_adds_the_rest(fgen, name):
+    first = Generator(Checkpoint(first_network(fgen.checkpoint.hypernet), fgen.checkpoint.embedder), fgen.embedder)
+    def at(s: float) -> LoRAWeights:
+        return fgen.generate_one(parse(name.replace(":", f"[strength={s}]:", 1).replace("[emb][", "[emb,")))
+
+    spec = parse(name)
+    at_one, at_two, at_more, alone = fgen.generate_one(spec), at(2), at(3.5), first.generate_one(spec)
+    assert at_more.rank == fgen.rank_of(parse(name.replace(":", "[strength=3.5]:", 1).replace("[emb][", "[emb,")))
+    assert at_more.rank == 2 * R and at_one.rank == alone.rank == fgen.rank_of(spec) == R
+    _assert_same_delta(at_one, alone)
+    for m in alone.A:
+        for i in range(alone.n_layers):
+            follow = at_two.delta(m, i) - alone.delta(m, i)
+            assert follow.abs().max() > 1e-4
+            torch.testing.assert_close(at_more.delta(m, i), alone.delta(m, i) + 2.5 * follow, rtol=1e-4, atol=1e-6)
 
 
 def test_t2l_single_weighted_term(lgen):

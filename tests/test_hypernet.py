@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
-from conftest import TINY_CONFIG, make_hypernet
+from conftest import TINY_CONFIG, first_network, make_hypernet
 
 from vllm_t2l.hypernet import ARCHS, BaseShapes, FoldedCodes, HyperConfig, HyperNet, sinusoid
 from vllm_t2l.lora import from_batch
@@ -98,7 +99,8 @@ def test_differences():
 
 # ---- HyperConfig -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kw", [{"arch": "t2l-XL"}, {"latent": 30}, {"rank": 0}])
+@pytest.mark.parametrize("kw", [{"arch": "t2l-XL"}, {"latent": 30}, {"rank": 0},
+                                {"arch": "zhyper-square", "follow": True}, {"arch": "t2l-L", "follow": True}])
 def test_hyperconfig_validation(kw):
     with pytest.raises(ValueError):
         HyperConfig(**kw)
@@ -210,9 +212,10 @@ def test_zhyper_codes_round_trip(arch, hypernet_factory, tiny_shapes):
         torch.testing.assert_close(via_codes[m][1], direct[m][1], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("arch", [a for a in ARCHS if a.startswith("zhyper")])
+@pytest.mark.parametrize("arch", [*(a for a in ARCHS if a.startswith("zhyper")), "follow"])
 def test_folded_codes_equal_codes(arch, hypernet_factory):
-    net = hypernet_factory(arch, seed=3)
+    net = (hypernet_factory("zhyper-diag", seed=3, follow=True) if arch == "follow"
+           else hypernet_factory(arch, seed=3))
     x = _emb(5, seed=2)
     with torch.no_grad():
         want = net.codes(x)
@@ -284,3 +287,37 @@ def test_parameter_count_ordering(tiny_shapes):
     n = {a: count(a) for a in ARCHS}
     assert n["t2l-L"] > n["t2l-M"] > n["t2l-S"]
     assert n["zhyper-diag"] < n["zhyper-square"]
+
+
+# ---- a follow network ----------------------------------------------------------------------------
+
+def test_follow_config_serves_twice_the_rank_at_the_same_scale_per_rank():
+    c = HyperConfig(arch="zhyper-diag", rank=4, alpha=8, follow=True)
+    assert c.served_rank == 8 and c.alpha_for(8) / math.sqrt(8) == pytest.approx(c.scaling) and c.alpha_for(4) == 8
+    c = HyperConfig(arch="zhyper-diag", rank=4, alpha=8, use_rslora=False, follow=True)
+    assert c.alpha_for(8) / 8 == pytest.approx(c.scaling)
+    assert HyperConfig(rank=4).served_rank == 4
+
+
+def test_strength_one_is_the_first_network_and_s_adds_the_follow_adapter_s_minus_one_times(hypernet_factory):
+    net = hypernet_factory("zhyper-diag", seed=6, follow=True)
+    c, x = net.config, _emb(2, seed=4)
+    with torch.no_grad():
+        codes = net.codes(x)
+        served = {s: from_batch(net.from_codes(net.at_strength(codes, s)), 1, c.alpha_for(r), c.use_rslora)
+                  for s, r in ((1.0, c.rank), (3.0, c.served_rank))}
+        per_row = from_batch(net.from_codes(net.at_strength(codes, torch.tensor([1.0, 3.0]))), 1,
+                             c.alpha_for(c.served_rank), c.use_rslora)
+        alone = from_batch(first_network(net)(x), 1, c.alpha, c.use_rslora)
+        follow = from_batch(net.follow(x), 1, c.alpha, c.use_rslora)
+        at_one = from_batch(net(x), 1, c.alpha, c.use_rslora)
+    assert served[3.0].rank == per_row.rank == c.served_rank == 2 * c.rank
+    assert served[1.0].rank == at_one.rank == c.rank  # an idle follow network costs nothing
+    for m in codes:
+        for i in range(net.shapes.n_layers):
+            assert follow.delta(m, i).abs().max() > 1e-4
+            torch.testing.assert_close(served[1.0].delta(m, i), alone.delta(m, i), rtol=0, atol=1e-7)
+            torch.testing.assert_close(at_one.delta(m, i), alone.delta(m, i), rtol=0, atol=1e-7)
+            want = alone.delta(m, i) + 2 * follow.delta(m, i)
+            torch.testing.assert_close(served[3.0].delta(m, i), want, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(per_row.delta(m, i), want, rtol=1e-5, atol=1e-6)

@@ -48,6 +48,12 @@ class Checkpoint:
     def base(self) -> BaseShapes:
         return self.hypernet.shapes
 
+    @property
+    def recommended_strength(self) -> float:
+        """The strength its card recommends (the one it was trained to follow at), else 1: the alignment prompt."""
+        value = self.card.get("recommended_strength", 1.0)
+        return float(value) if isinstance(value, (int, float)) and 0 < value <= 4 else 1.0
+
     def check_base(self, served: BaseShapes) -> None:
         """Refuse to serve adapters for a model whose shapes differ from the training base."""
         diff = self.base.differences(served)

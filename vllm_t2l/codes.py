@@ -31,8 +31,9 @@ def save_basis(root: Path, net: HyperNet) -> Path:
     """The checkpoint's shared A and B as ``root/basis.safetensors`` (kept if already there)."""
     path = root / BASIS_FILE
     if not path.exists():
-        stacks = [([f"{m}.A"], a.detach().float()[None]) for m, a in net.shared_A.items()]
-        stacks += [([f"{m}.B"], b.detach().float()[None]) for m, b in net.shared_B.items()]
+        basis = net.basis()
+        stacks = [([f"{m}.A"], a.detach().float()[None]) for m, (a, _) in basis.items()]
+        stacks += [([f"{m}.B"], b.detach().float()[None]) for m, (_, b) in basis.items()]
         part = root / f"{BASIS_FILE}.{uuid.uuid4().hex}.part"  # replicas on other hosts may share root
         tensorfile.save(part, stacks, {"format": "pt"})
         os.replace(part, path)
@@ -58,6 +59,6 @@ def expand(folder: Path, alpha: float, use_rslora: bool) -> LoRAWeights:
     if basis_file not in _bases:
         _bases[basis_file] = tensorfile.load(basis_file)
     basis = _bases[basis_file]
-    codes = tensorfile.load(folder / CODES_FILE)
-    return LoRAWeights({m: expand_codes(z[None], basis[f"{m}.A"])[0] for m, z in codes.items()},
-                       {m: basis[f"{m}.B"].clone() for m in codes}, alpha, use_rslora)
+    codes = tensorfile.load(folder / CODES_FILE)  # as many ranks as the basis has, or the first network's only
+    return LoRAWeights({m: expand_codes(z[None], basis[f"{m}.A"][..., :z.shape[-1], :])[0] for m, z in codes.items()},
+                       {m: basis[f"{m}.B"][..., :z.shape[-1]].clone() for m, z in codes.items()}, alpha, use_rslora)

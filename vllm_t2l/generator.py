@@ -44,8 +44,10 @@ class Generator:
 
     def rank_of(self, spec: AdapterSpec) -> int:
         """Rank of the served adapter: weight-space mixes of T2L adapters concatenate ranks."""
-        r = self.checkpoint.config.rank
-        return r if spec.mode == "emb" or self.zhyper else r * len(spec.terms)
+        c = self.checkpoint.config
+        if self.zhyper:  # a follow network adds its ranks above strength 1
+            return c.served_rank if spec.strength != 1 else c.rank
+        return c.rank if spec.mode == "emb" else c.rank * len(spec.terms)
 
     @torch.no_grad()
     def generate(self, specs: Sequence[AdapterSpec], timings: dict[str, float] | None = None) -> list[LoRAWeights]:
@@ -55,7 +57,8 @@ class Generator:
         if self.zhyper:
             codes = self.codes(specs, timings)
             start = time.perf_counter()
-            out = [from_batch(net.from_codes(z), 0, c.alpha, c.use_rslora) for z in codes]
+            out = [from_batch(net.from_codes(z), 0, c.alpha_for(self.rank_of(s)), c.use_rslora)
+                   for s, z in zip(specs, codes)]
             self._lap(timings, "hypernet", start)
             return out
         x, slices, start = self._inputs(specs, timings)
@@ -76,9 +79,9 @@ class Generator:
         """Zhyper only: each spec's codes per module, [1, L, r] (or [1, L, r, r]), its mix applied.
         Mixing codes is exact: A is linear in them and B does not depend on them; so is the strength."""
         x, slices, start = self._inputs(specs, timings)
-        codes = self._codes(x)
-        out = [{m: spec.strength * sum(w * z[i:i + 1] for w, i in zip(_row_weights(spec), idx))
-                for m, z in codes.items()}
+        codes, net = self._codes(x), self.checkpoint.hypernet
+        out = [net.at_strength({m: sum(w * z[i:i + 1] for w, i in zip(_row_weights(spec), idx))
+                                for m, z in codes.items()}, spec.strength)
                for spec, idx in zip(specs, slices)]
         self._lap(timings, "hypernet", start)
         return out

@@ -18,13 +18,16 @@ relies on.
 - ``zhyper-diag`` / ``zhyper-square``: the head emits only a code z (r) or Z (r x r); one LoRA pair
   per (layer, module) is shared by all descriptions and learned with the hypernetwork:
   dW = s * B diag(z) A (or s * B Z A). dW is linear in the code, so mixing codes mixes dW exactly.
+- ``follow`` (zhyper-diag): a second Zhyper network of the same rank whose adapter is added (S - 1) times at
+  strength S. Strength 1 is then exactly the first network's adapter (the faithful alignment prompt), and the
+  served adapter is one rank-2r Zhyper adapter with the two bases side by side.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -115,6 +118,7 @@ class HyperConfig:
     dropout: float = 0.0
     head_bias: bool = True  # published T2L folders trained on top of a multi-task LoRA have heads without bias
     z_score: bool = False  # t2l-L/M: A and B are predicted as z-scores of per-layer targets (upstream recon)
+    follow: bool = False  # zhyper-diag: a second network whose adapter is added (S - 1) times at strength S
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -125,6 +129,18 @@ class HyperConfig:
             raise ValueError("latent must be divisible by 4")
         if self.rank < 1:
             raise ValueError("rank must be >= 1")
+        if self.follow and self.arch != "zhyper-diag":
+            raise ValueError("a follow network applies to zhyper-diag only")
+
+    @property
+    def served_rank(self) -> int:
+        """Largest rank of a served Zhyper adapter: a follow network's basis sits beside the first."""
+        return 2 * self.rank if self.follow else self.rank
+
+    def alpha_for(self, rank: int) -> float:
+        """The alpha that gives a served adapter of ``rank`` the scale per rank training used (``scaling``)."""
+        ratio = rank / self.rank
+        return self.alpha * (math.sqrt(ratio) if self.use_rslora else ratio)
 
     @property
     def scaling(self) -> float:
@@ -234,6 +250,7 @@ class HyperNet(nn.Module):
                                               for mod in self.modules_})
             self.shared_B = nn.ParameterDict({mod: nn.Parameter(torch.zeros(L, shapes.modules[mod][1], r))
                                               for mod in self.modules_})
+        self.follow = HyperNet(replace(c, follow=False), shapes) if c.follow else None
         self.reset_heads()
 
     def _head_out(self, mod: str) -> int:
@@ -303,7 +320,7 @@ class HyperNet(nn.Module):
 
     def forward(self, emb: Tensor) -> LoRABatch:
         if self.config.arch.startswith("zhyper"):
-            return self.from_codes(self.codes(emb))
+            return self.from_codes(self.at_strength(self.codes(emb), 1.0))
         x = self._trunk_in(emb)
         arch, r = self.config.arch, self.config.rank
         if arch == "t2l-M":  # [N, L, M, 2, latent]: one call for A, one for B, with the module's selectors
@@ -341,7 +358,8 @@ class HyperNet(nn.Module):
         return A + self.AB_offset["A"][mod], B + self.AB_offset["B"][mod]
 
     def codes(self, emb: Tensor) -> dict[str, Tensor]:
-        """Zhyper only: per-module codes [N, L, r] (diag) or [N, L, r, r] (square)."""
+        """Zhyper only: per-module codes [N, L, r] (diag) or [N, L, r, r] (square); with a follow
+        network, [N, L, 2r]: its codes after the first network's, before any strength (``at_strength``)."""
         if not self.config.arch.startswith("zhyper"):
             raise ValueError(f"{self.config.arch} has no codes; only zhyper-* do")
         h = self.to_head(self.block2(self._trunk_in(emb)))
@@ -350,14 +368,40 @@ class HyperNet(nn.Module):
         for j, mod in enumerate(self.modules_):
             z = self._head(mod, h[:, :, j])
             out[mod] = z if self.config.arch == "zhyper-diag" else z.unflatten(-1, (r, r))
+        if self.follow is not None:
+            out = {mod: torch.cat([z, g], -1) for (mod, z), g in zip(out.items(), self.follow.codes(emb).values())}
+        return out
+
+    def at_strength(self, codes: dict[str, Tensor], strength: Tensor | float) -> dict[str, Tensor]:
+        """Codes of the adapter served at ``strength`` (a number, or one per row [N]): the codes scaled, or
+        with a follow network the first network's codes kept and the follow codes scaled by S - 1; at a
+        strength of exactly 1 only the first network's, so that adapter costs what it did without one."""
+        if self.config.follow and not isinstance(strength, Tensor) and strength == 1:
+            return {mod: z[..., :self.config.rank] for mod, z in codes.items()}
+        s = torch.as_tensor(strength, dtype=next(iter(codes.values())).dtype)
+        s = s.reshape(-1, *[1] * (next(iter(codes.values())).dim() - 1)) if s.dim() else s
+        if not self.config.follow:
+            return {mod: s * z for mod, z in codes.items()}
+        r = self.config.rank
+        return {mod: torch.cat([z[..., :r], (s - 1) * z[..., r:]], -1) for mod, z in codes.items()}
+
+    def basis(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Zhyper's shared A [L, R, in] and B [L, out, R] per module, a follow network's beside the first's."""
+        out = {mod: (self.shared_A[mod], self.shared_B[mod]) for mod in self.modules_}
+        if self.follow is not None:
+            out = {mod: (torch.cat([A, self.follow.shared_A[mod]], 1), torch.cat([B, self.follow.shared_B[mod]], -1))
+                   for mod, (A, B) in out.items()}
         return out
 
     def from_codes(self, codes: dict[str, Tensor]) -> LoRABatch:
-        """Zhyper codes -> exportable (A, B): A = diag(z) A_shared (or Z A_shared), B = B_shared."""
+        """Zhyper codes -> exportable (A, B): A = diag(z) A_shared (or Z A_shared), B = B_shared, with as
+        many of the basis's ranks as the codes have (``at_strength`` drops an idle follow network's)."""
         out: LoRABatch = {}
+        basis = self.basis()
         for mod, z in codes.items():
-            B = self.shared_B[mod]
-            out[mod] = (expand_codes(z, self.shared_A[mod]), B.expand(z.shape[0], *B.shape))
+            A, B = basis[mod]
+            k = z.shape[-1]
+            out[mod] = (expand_codes(z, A[:, :k]), B[..., :k].expand(z.shape[0], *B.shape[:-1], k))
         return out
 
 
@@ -399,6 +443,7 @@ class FoldedCodes(nn.Module):
             self.register_buffer("head_w", torch.stack([h.weight @ last.weight for h in heads]))  # [M, k, 4m]
             self.register_buffer("head_b", torch.stack(
                 [h.weight @ last.bias + h.bias + off for h, off in zip(heads, offsets)]))  # [M, k]
+        self.follow = FoldedCodes(net.follow) if net.follow is not None else None
 
     @torch.no_grad()
     def forward(self, emb: Tensor) -> dict[str, Tensor]:
@@ -409,5 +454,7 @@ class FoldedCodes(nn.Module):
         hidden = nn.functional.silu((task @ self.mix_task_w.T)[:, None, None, :] + self.mix_fixed)
         x = self.block2(self.block1(x + self.mix_out(hidden)))
         z = torch.einsum("nlmh,mkh->nlmk", self.head_in(x), self.head_w) + self.head_b
+        if self.follow is not None:
+            z = torch.cat([z, torch.stack(list(self.follow(emb).values()), 2)], -1)
         return {mod: z[:, :, j].unflatten(-1, (self.rank, self.rank)) if self.square else z[:, :, j]
                 for j, mod in enumerate(self.modules_)}

@@ -30,9 +30,6 @@ from typing import Literal
 PREFIX = "t2l:"
 MIX_PREFIX = "t2l-mix"
 CATALOG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-# The strength the studio starts at and benchmarks.follow reads its bars at. The shipped checkpoints were not
-# trained with --guided-share, and their answers turn repetitive from about strength 2 (docs/experiments.md).
-RECOMMENDED_STRENGTH = 1.0
 HEAD = re.compile(r"^(t2l|t2l-mix)(?:\[([^\]]*)\])?:")
 Mode = Literal["weight", "emb"]
 

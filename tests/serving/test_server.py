@@ -181,4 +181,4 @@ def test_example_client_shows_each_description_four_ways(server):
     out = subprocess.run([sys.executable, str(script), "--base-url", server.base_url + "/v1"], check=True,
                          capture_output=True, text=True, timeout=600).stdout
     assert out.count("system prompt:") == out.count("t2l:  (strength 1)") == out.count("=== ") == 4
-    assert "base model:" in out and "t2l[strength=2.5]:" in out
+    assert "base model:" in out and "t2l[strength=2]:" in out  # the default recommends 2 (or 1: then 2 is shown)

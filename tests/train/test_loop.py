@@ -119,3 +119,23 @@ def test_guidance_needs_align_and_a_share_in_range(tmp_path):
         train(TrainConfig(out=str(tmp_path / "run"), guided_share=1.5))
     with pytest.raises(ValueError, match="--guided-share"):
         train(TrainConfig(out=str(tmp_path / "run"), mode="sft", guided_share=0.5))
+
+
+def test_follow_trains_only_the_follow_network_and_keeps_strength_one(align_config):
+    start = train(align_config("start", lr=0.05))
+    run = train(align_config("follow", lr=0.05, init=str(start), follow="new", guided_share=1.0,
+                             anchor_weight=1.0))
+    before, after = weights(start), weights(run)
+    assert load(run).config.follow and load(run).recommended_strength == 2.0 == load(start).recommended_strength * 2
+    assert all(after[k].equal(v) for k, v in before.items())  # the first network is --init's, bit for bit
+    assert not after["follow.heads.q_proj.weight"].equal(torch.zeros_like(after["follow.heads.q_proj.weight"]))
+    assert not after["follow.shared_B.q_proj"].equal(torch.zeros_like(after["follow.shared_B.q_proj"]))
+    again = train(align_config("from-follow", steps=0, init=str(start), follow=str(start), guided_share=1.0))
+    assert all(weights(again)[f"follow.{k}"].equal(v) for k, v in before.items())
+
+
+def test_follow_needs_an_init_and_guided_rows(tmp_path):
+    for kw in ({"follow": "new", "guided_share": 1.0}, {"follow": "new", "init": "x"},
+               {"follow": "new", "init": "x", "guided_share": 1.0, "arch": "zhyper-square"}):
+        with pytest.raises(ValueError, match="--follow"):
+            train(TrainConfig(out=str(tmp_path / "run"), **kw))

@@ -145,8 +145,8 @@ class T2LResolver(LoRAResolver):
         ckpt = self.generator.checkpoint
         served = BaseShapes.from_config(served_config, ckpt.config.target_modules, name=base_model)
         ckpt.check_base(served)
-        if max_lora_rank is not None and ckpt.config.rank > max_lora_rank:
-            raise ValueError(f"checkpoint rank {ckpt.config.rank} exceeds --max-lora-rank {max_lora_rank}")
+        if max_lora_rank is not None and ckpt.config.served_rank > max_lora_rank:
+            raise ValueError(f"checkpoint rank {ckpt.config.served_rank} exceeds --max-lora-rank {max_lora_rank}")
         self.catalog = names.load_catalog(s.catalog) if s.catalog else {}
         root = Path(s.cache_dir) if s.cache_dir else home() / "adapters"
         by_codes = self.generator.zhyper and worker_load.installed()
@@ -258,7 +258,8 @@ class T2LResolver(LoRAResolver):
             meta = {"checkpoint": self.generator.id, "descriptions": spec.descriptions, "weights": spec.weights,
                     "mode": spec.mode, "strength": spec.strength}
             if self.basis:
-                codes.save(folder, adapter, self.basis, self.base_model, c.alpha, c.use_rslora, meta)
+                codes.save(folder, adapter, self.basis, self.base_model, c.alpha_for(self.generator.rank_of(spec)),
+                           c.use_rslora, meta)
             else:
                 adapter.save_peft(folder, self.base_model, meta)
         timings["write"] = time.perf_counter() - start

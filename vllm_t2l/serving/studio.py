@@ -206,9 +206,9 @@ async def info(studio: StudioDep) -> Info:
     ckpt = r.generator.checkpoint
     s = r.settings
     return Info(base_model=studio.base_model, checkpoint=r.generator.id, trained=ckpt.trained,
-                rank=ckpt.config.rank, max_chars=s.max_chars, max_terms=s.max_terms,
+                rank=ckpt.config.served_rank, max_chars=s.max_chars, max_terms=s.max_terms,
                 max_abs_weight=s.max_abs_weight, max_strength=s.max_strength,
-                recommended_strength=names.RECOMMENDED_STRENGTH, catalog_names=len(r.catalog))
+                recommended_strength=ckpt.recommended_strength, catalog_names=len(r.catalog))
 
 
 @router.get("/catalog", summary="List catalog names")

@@ -16,7 +16,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -62,6 +62,8 @@ class TrainConfig:
     prompt_ids: tuple[str, ...] = ()  # restrict training to these prompts (oracle adapters)
     adapters: str = ""  # recon: folder of PEFT adapter folders
     init: str = ""  # start from this checkpoint's weights (same architecture and base shapes)
+    follow: str = ""  # align, zhyper-diag: train only a follow network beside --init's (kept as it is); "new" or a
+    # checkpoint of --init's architecture to start it from (hypernet.py, ``follow``)
     save_every: int = 50
     seed: int = 0
     threads: int = 0  # 0: torch default
@@ -166,6 +168,9 @@ def train(cfg: TrainConfig) -> Path:
         raise ValueError("--guided-share (in (0, 1]) and a positive --guidance need align mode")
     if cfg.anchor_weight and (cfg.mode != "align" or not cfg.init):
         raise ValueError("--anchor-weight keeps adapters near the --init checkpoint's: it needs --init and align mode")
+    if cfg.follow and (cfg.arch != "zhyper-diag" or not cfg.init or not cfg.guided_share):
+        raise ValueError("--follow trains a strength-only network beside --init's: it needs --arch zhyper-diag, "
+                         "--init and --guided-share (rows at strength 1 do not reach it)")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -179,16 +184,25 @@ def train(cfg: TrainConfig) -> Path:
 
     hyper_arch = "t2l-L" if cfg.arch == "lora" else cfg.arch
     hcfg = HyperConfig(arch=hyper_arch, emb_dim=emb_cfg.dim, latent=cfg.latent, head_in=cfg.head_in,
-                       rank=cfg.rank, alpha=cfg.alpha, target_modules=tuple(cfg.target_modules))
+                       rank=cfg.rank, alpha=cfg.alpha, target_modules=tuple(cfg.target_modules),
+                       follow=bool(cfg.follow))
     shapes = BaseShapes.from_config(base_dir, hcfg.target_modules, name=base_dir.name)
     model: nn.Module = FreeLoRA(hcfg, shapes) if cfg.arch == "lora" else HyperNet(hcfg, shapes)
     state_path = out / "state.pt"
     resumed = state_path.exists()
     # Before the teacher's answers, so a bad --init fails in seconds; read once, also for the anchor.
-    init = _load_init(model, Path(cfg.init)) if cfg.init and (cfg.anchor_weight or not resumed) else None
-    if init is not None and not resumed:
-        model.load_state_dict(init.hypernet.state_dict())
-    reference = init.hypernet.eval().requires_grad_(False) if cfg.anchor_weight else None
+    start = _start_state(model, cfg) if cfg.init and (cfg.anchor_weight or not resumed) else None
+    if start is not None and not resumed:
+        model.load_state_dict(start)
+    if cfg.follow:  # the first network stays exactly --init's: strength 1 is unchanged
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("follow."))
+    reference = None
+    if cfg.anchor_weight:
+        reference = HyperNet(hcfg, shapes)
+        reference.load_state_dict(start)
+        reference.eval().requires_grad_(False)
+    anchor_strength = cfg.guidance if cfg.follow else 1.0  # at strength 1 a follow network adds nothing
     student = Student(base_dir, hcfg.target_modules) if cfg.mode != "recon" else None
 
     if cfg.mode == "recon":
@@ -235,7 +249,10 @@ def train(cfg: TrainConfig) -> Path:
             top_ids, top_logp = torch.cat([s.top_ids for s in chunk]), torch.cat([s.top_logp for s in chunk])
             if cfg.mode == "align" and bool((strength != 1).any()):
                 top_logp = _guided_targets(student, batch, top_ids, top_logp, strength, cfg.guidance)
-            student.set_adapters(model(emb), hcfg.scaling * strength)
+            if hcfg.follow:
+                student.set_adapters(_at_strength(model, emb, strength), hcfg.scaling)
+            else:
+                student.set_adapters(model(emb), hcfg.scaling * strength)
             logits = student.logits(batch)
             if cfg.mode == "align":
                 per_token = objectives.distill_kl(logits, top_ids, top_logp)
@@ -247,8 +264,8 @@ def train(cfg: TrainConfig) -> Path:
                     held = random.sample(anchors, min(cfg.batch_size, len(anchors)))
                     emb = torch.stack([table[t] for t in held])
                     with torch.no_grad():
-                        kept = reference(emb)
-                    drift = objectives.adapter_drift(model(emb), kept).mean()
+                        kept = _at_strength(reference, emb, anchor_strength)
+                    drift = objectives.adapter_drift(_at_strength(model, emb, anchor_strength), kept).mean()
                     loss = loss + cfg.anchor_weight * drift
             else:
                 loss = objectives.cross_entropy(logits, batch.targets, label_smoothing=0.1).mean()
@@ -273,7 +290,8 @@ def train(cfg: TrainConfig) -> Path:
     if isinstance(model, FreeLoRA):
         return model.weights().save_peft(out / "adapter", base_dir.name, {"trained": cfg.mode, "steps": step})
     card = {"mode": cfg.mode, "steps": step, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
-            "examples": n_items, "descriptions": len(texts)}
+            "examples": n_items, "descriptions": len(texts),
+            "recommended_strength": cfg.guidance if cfg.guided_share else 1.0}
     ckpt = Checkpoint(model, emb_cfg, trained=True, card=card)
     return ckpt.save(out / "checkpoint")
 
@@ -314,15 +332,37 @@ def _anchors(samples: list[teacher.Sample], poles: list[dict]) -> list[str]:
     return sorted(described | {q["text"] for q in data.load_queries() if q["split"] == "train"})
 
 
+def _at_strength(net: nn.Module, emb: Tensor, strength: Tensor | float) -> LoRABatch:
+    """The adapters served at ``strength`` (one per row, or one for all): for Zhyper, scaled in code space."""
+    if isinstance(net, HyperNet) and net.config.arch.startswith("zhyper"):
+        return net.from_codes(net.at_strength(net.codes(emb), strength))
+    if not isinstance(strength, Tensor) and strength == 1:
+        return net(emb)
+    raise ValueError("only Zhyper adapters are trained at a strength other than 1 through their codes")
+
+
+def _start_state(model: nn.Module, cfg: TrainConfig) -> dict[str, Tensor]:
+    """The state training starts from: --init's weights, and with --follow a follow network beside them
+    (``new``: as initialised, B zero, so the start is --init's adapters at every strength)."""
+    init = _load_init(model, Path(cfg.init)).hypernet.state_dict()
+    if not cfg.follow:
+        return init
+    follow = (model.follow.state_dict() if cfg.follow == "new"
+              else _load_init(model, Path(cfg.follow)).hypernet.state_dict())
+    return {**init, **{f"follow.{k}": v for k, v in follow.items()}}
+
+
 def _load_init(model: nn.Module, folder: Path) -> Checkpoint:
-    """Fine-tune rather than start over: the checkpoint must describe the same network."""
+    """Fine-tune rather than start over: the checkpoint must describe the same network (a follow
+    network's parts are each a network of the checkpoint's kind)."""
     if not isinstance(model, HyperNet):
         raise ValueError("--init needs a hypernetwork arch, not a plain LoRA")
     init = load(folder)
     init.check_base(model.shapes)
-    if init.config != model.config:
+    want = replace(model.config, follow=False)
+    if init.config != want:
         raise CheckpointError(f"{folder} is a {init.config.arch} checkpoint that differs from the network being "
-                              f"trained: {init.config} against {model.config}")
+                              f"trained: {init.config} against {want}")
     return init
 
 
