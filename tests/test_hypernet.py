@@ -321,3 +321,13 @@ def test_strength_one_is_the_first_network_and_s_adds_the_follow_adapter_s_minus
             want = alone.delta(m, i) + 2 * follow.delta(m, i)
             torch.testing.assert_close(served[3.0].delta(m, i), want, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(per_row.delta(m, i), want, rtol=1e-5, atol=1e-6)
+
+
+def test_folded_codes_can_leave_an_idle_follow_network_out(hypernet_factory):
+    net = hypernet_factory("zhyper-diag", seed=7, follow=True)
+    x = _emb(3, seed=5)
+    with torch.no_grad():
+        want = first_network(net).codes(x)
+    got = FoldedCodes(net)(x, follow=False)
+    for m in want:
+        torch.testing.assert_close(got[m], want[m], rtol=1e-5, atol=1e-5)

@@ -79,7 +79,7 @@ class Generator:
         """Zhyper only: each spec's codes per module, [1, L, r] (or [1, L, r, r]), its mix applied.
         Mixing codes is exact: A is linear in them and B does not depend on them; so is the strength."""
         x, slices, start = self._inputs(specs, timings)
-        codes, net = self._codes(x), self.checkpoint.hypernet
+        codes, net = self._codes(x, follow=any(s.strength != 1 for s in specs)), self.checkpoint.hypernet
         out = [net.at_strength({m: sum(w * z[i:i + 1] for w, i in zip(_row_weights(spec), idx))
                                 for m, z in codes.items()}, spec.strength)
                for spec, idx in zip(specs, slices)]

@@ -446,15 +446,16 @@ class FoldedCodes(nn.Module):
         self.follow = FoldedCodes(net.follow) if net.follow is not None else None
 
     @torch.no_grad()
-    def forward(self, emb: Tensor) -> dict[str, Tensor]:
-        """[N, emb_dim] -> per-module codes [N, L, r] (diag) or [N, L, r, r] (square), as ``HyperNet.codes``."""
+    def forward(self, emb: Tensor, follow: bool = True) -> dict[str, Tensor]:
+        """[N, emb_dim] -> per-module codes [N, L, r] (diag) or [N, L, r, r] (square), as ``HyperNet.codes``;
+        ``follow=False`` leaves a follow network out (its codes would be multiplied by 0)."""
         task = self.task_encoder(emb)  # [N, latent/2]
         n, (L, M, _) = task.shape[0], self.fixed.shape
         x = torch.cat([task[:, None, None, :].expand(n, L, M, -1), self.fixed.expand(n, L, M, -1)], dim=-1)
         hidden = nn.functional.silu((task @ self.mix_task_w.T)[:, None, None, :] + self.mix_fixed)
         x = self.block2(self.block1(x + self.mix_out(hidden)))
         z = torch.einsum("nlmh,mkh->nlmk", self.head_in(x), self.head_w) + self.head_b
-        if self.follow is not None:
+        if self.follow is not None and follow:
             z = torch.cat([z, torch.stack(list(self.follow(emb).values()), 2)], -1)
         return {mod: z[:, :, j].unflatten(-1, (self.rank, self.rank)) if self.square else z[:, :, j]
                 for j, mod in enumerate(self.modules_)}
