@@ -165,3 +165,21 @@ def test_start_on_a_read_only_cache_then_recover(tiny_checkpoint, monkeypatch, t
     finally:
         if os.geteuid() == 0:
             subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_follow_checkpoint_serves_strength_one_within_rank_8_and_says_why_above(tmp_path, tiny_shapes):
+    from conftest import TINY_CONFIG, make_hypernet
+
+    from vllm_t2l.checkpoint import Checkpoint
+    from vllm_t2l.embed import EmbedderConfig
+    from vllm_t2l.models import DEFAULT_EMBEDDER_NAME
+    from vllm_t2l.serving.resolver import AdapterRequestError
+
+    net = make_hypernet("zhyper-diag", tiny_shapes, follow=True)
+    folder = Checkpoint(net, EmbedderConfig(name=DEFAULT_EMBEDDER_NAME, dim=384)).save(tmp_path / "ckpt")
+    resolver = T2LResolver(Settings(checkpoint=str(folder), cache_dir=str(tmp_path / "cache")))
+    resolver.start(TINY_CONFIG, "tiny-llama", max_lora_rank=8)
+    _, path, hit = asyncio.run(resolver.resolve("t2l:Be brief."))
+    assert not hit and json.loads((path / "adapter_config.json").read_text())["r"] == 8
+    with pytest.raises(AdapterRequestError, match="rank 16, above the server's --max-lora-rank 8; use strength 1"):
+        asyncio.run(resolver.resolve("t2l[strength=2]:Be brief."))

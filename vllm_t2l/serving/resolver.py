@@ -145,8 +145,8 @@ class T2LResolver(LoRAResolver):
         ckpt = self.generator.checkpoint
         served = BaseShapes.from_config(served_config, ckpt.config.target_modules, name=base_model)
         ckpt.check_base(served)
-        if max_lora_rank is not None and ckpt.config.served_rank > max_lora_rank:
-            raise ValueError(f"checkpoint rank {ckpt.config.served_rank} exceeds --max-lora-rank {max_lora_rank}")
+        if max_lora_rank is not None and ckpt.config.rank > max_lora_rank:  # strength 1 must fit; see resolve
+            raise ValueError(f"checkpoint rank {ckpt.config.rank} exceeds --max-lora-rank {max_lora_rank}")
         self.catalog = names.load_catalog(s.catalog) if s.catalog else {}
         root = Path(s.cache_dir) if s.cache_dir else home() / "adapters"
         by_codes = self.generator.zhyper and worker_load.installed()
@@ -189,9 +189,10 @@ class T2LResolver(LoRAResolver):
             spec = names.parse(lora_name, self.catalog, self.settings.limits)
             rank = self.generator.rank_of(spec)
             if self.max_lora_rank is not None and rank > self.max_lora_rank:
-                raise AdapterNameError(f"this mix needs LoRA rank {rank}, above the server's "
-                                       f"--max-lora-rank {self.max_lora_rank}; use fewer terms, "
-                                       "mode [emb], or a larger --max-lora-rank")
+                why = ("strength 1" if self.generator.zhyper else "fewer terms, mode [emb]")
+                raise AdapterNameError(f"this adapter needs LoRA rank {rank}, above the server's "
+                                       f"--max-lora-rank {self.max_lora_rank}; use {why}, "
+                                       "or a larger --max-lora-rank")
         except AdapterNameError as e:
             metrics.REJECTED_NAMES.inc()
             raise AdapterRequestError(f"bad adapter name: {e}") from None
