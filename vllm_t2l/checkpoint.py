@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from vllm_t2l.embed import EmbedderConfig
 from vllm_t2l.hypernet import BaseShapes, HyperConfig, HyperNet
+from vllm_t2l.names import NameLimits
 
 FORMAT = "vllm-t2l"
 VERSION = 2  # 2: t2l-* run Text-to-LoRA's own wiring; version 1 is read for Zhyper only (its wiring is unchanged)
@@ -52,7 +53,8 @@ class Checkpoint:
     def recommended_strength(self) -> float:
         """The strength its card recommends (the one it was trained to follow at), else 1: the alignment prompt."""
         value = self.card.get("recommended_strength", 1.0)
-        return float(value) if isinstance(value, (int, float)) and 0 < value <= 4 else 1.0
+        ok = isinstance(value, (int, float)) and 0 < value <= NameLimits().max_strength
+        return float(value) if ok else 1.0
 
     def check_base(self, served: BaseShapes) -> None:
         """Refuse to serve adapters for a model whose shapes differ from the training base."""

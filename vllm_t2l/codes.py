@@ -60,5 +60,5 @@ def expand(folder: Path, alpha: float, use_rslora: bool) -> LoRAWeights:
         _bases[basis_file] = tensorfile.load(basis_file)
     basis = _bases[basis_file]
     codes = tensorfile.load(folder / CODES_FILE)  # as many ranks as the basis has, or the first network's only
-    return LoRAWeights({m: expand_codes(z[None], basis[f"{m}.A"][..., :z.shape[-1], :])[0] for m, z in codes.items()},
+    return LoRAWeights({m: expand_codes(z[None], basis[f"{m}.A"])[0] for m, z in codes.items()},
                        {m: basis[f"{m}.B"][..., :z.shape[-1]].clone() for m, z in codes.items()}, alpha, use_rslora)

@@ -399,15 +399,17 @@ class HyperNet(nn.Module):
         out: LoRABatch = {}
         basis = self.basis()
         for mod, z in codes.items():
-            A, B = basis[mod]
-            k = z.shape[-1]
-            out[mod] = (expand_codes(z, A[:, :k]), B[..., :k].expand(z.shape[0], *B.shape[:-1], k))
+            B = basis[mod][1][..., :z.shape[-1]]
+            out[mod] = (expand_codes(z, basis[mod][0]), B.expand(z.shape[0], *B.shape))
         return out
 
 
 def expand_codes(z: Tensor, shared_A: Tensor) -> Tensor:
-    """Zhyper's A for codes ``z``: diag(z) A_shared for [N, L, r] codes, Z A_shared for [N, L, r, r]."""
-    return z[..., None] * shared_A if z.dim() == 3 else z @ shared_A
+    """Zhyper's A for codes ``z``: diag(z) A_shared for [N, L, r] codes, Z A_shared for [N, L, r, r]; a
+    basis with more ranks than the codes (an idle follow network's) gives its first ones."""
+    if z.dim() == 3:
+        return z[..., None] * shared_A[..., :z.shape[-1], :]
+    return z @ shared_A
 
 
 class FoldedCodes(nn.Module):

@@ -189,7 +189,7 @@ class T2LResolver(LoRAResolver):
             spec = names.parse(lora_name, self.catalog, self.settings.limits)
             rank = self.generator.rank_of(spec)
             if self.max_lora_rank is not None and rank > self.max_lora_rank:
-                why = ("strength 1" if self.generator.zhyper else "fewer terms, mode [emb]")
+                why = "strength 1" if self.generator.zhyper else "fewer terms, mode [emb]"
                 raise AdapterNameError(f"this adapter needs LoRA rank {rank}, above the server's "
                                        f"--max-lora-rank {self.max_lora_rank}; use {why}, "
                                        "or a larger --max-lora-rank")
