@@ -1,7 +1,7 @@
-"""Scale: thousands of distinct descriptions sent one after another; latency, server memory, errors.
+"""Scale: tens of thousands of distinct descriptions, each a cache miss; latency, server memory, errors.
 
-    python -m benchmarks.scale [--n 20000] [--max-tokens 4] [--cache-max-adapters 64] [--grace-s 10]
-                               [--max-cpu-loras 32] [--chunk 200] [--minutes M]
+    python -m benchmarks.scale [--n 20000] [--concurrency 4] [--max-tokens 4] [--cache-max-adapters 64]
+                               [--grace-s 10] [--max-cpu-loras 32] [--chunk 200] [--minutes M]
 
 Every request names a never-seen description, so every one is a cache miss: the server generates an
 adapter, vLLM loads it, and the adapter cache and vLLM's LRUs evict older ones. Records each request's
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -26,33 +27,45 @@ QUERY = chat_messages("Name a colour.")
 
 
 def folders(root: Path) -> int:
-    return sum(1 for p in root.rglob("adapter_config.json"))
+    """Adapter folders under ``root``; os.walk skips a folder the cache deletes while it is being counted."""
+    return sum("adapter_config.json" in files for _, _, files in os.walk(root))
+
+
+def sample(server: ServerProcess, i: int, start: float, cache_root: Path) -> dict:
+    return {"i": i, "t_s": time.perf_counter() - start, "rss_mb": tree_rss(server.pid) / 2**20,
+            "folders": folders(cache_root), "adapters_resident": server.metric("vllm_t2l:adapters_resident")}
 
 
 async def measure(server: ServerProcess, descs: list[str], cache_root: Path, args) -> tuple[list[dict], list[dict]]:
+    """``args.concurrency`` clients take the next new description as each finishes; a memory sample every
+    ``args.sample_every`` finished requests, counted in the order they finish."""
     rows, samples = [], []
     start = time.perf_counter()
-    async with http_client(server) as http:
-        for i, desc in enumerate(descs):
+    todo = iter(enumerate(descs))
+    stopped = False
+
+    async def client(http) -> None:
+        nonlocal stopped
+        for i, desc in todo:
+            if stopped:
+                return
             t = await stream_chat(http, "t2l:" + desc, QUERY, args.max_tokens)
-            rows.append({"i": i, "latency_ms": t.latency * 1e3, "ttft_ms": t.ttft * 1e3, "error": t.error})
-            if i % args.sample_every == 0 or i == len(descs) - 1:
-                samples.append({"i": i, "t_s": time.perf_counter() - start, "rss_mb": tree_rss(server.pid) / 2**20,
-                                "folders": folders(cache_root),
-                                "adapters_resident": server.metric("vllm_t2l:adapters_resident")})
-            stop = args.minutes and time.perf_counter() - start > args.minutes * 60
-            if stop and not (i % args.sample_every == 0 or i == len(descs) - 1):
-                samples.append({"i": i, "t_s": time.perf_counter() - start, "rss_mb": tree_rss(server.pid) / 2**20,
-                                "folders": folders(cache_root),
-                                "adapters_resident": server.metric("vllm_t2l:adapters_resident")})
-            if (i + 1) % args.chunk == 0:
+            done = len(rows)
+            rows.append({"i": done, "desc": i, "latency_ms": t.latency * 1e3, "ttft_ms": t.ttft * 1e3,
+                         "error": t.error})
+            stopped = stopped or bool(args.minutes and time.perf_counter() - start > args.minutes * 60)
+            if done % args.sample_every == 0 or done == len(descs) - 1 or stopped:
+                samples.append(sample(server, done, start, cache_root))
+            if (done + 1) % args.chunk == 0:
                 chunk = rows[-args.chunk:]
-                print(f"[{i + 1}/{len(descs)}] latency p50 {report.pct([r['latency_ms'] for r in chunk], 50):.0f} ms,"
-                      f" RSS {samples[-1]['rss_mb']:.0f} MiB, folders {samples[-1]['folders']},"
+                print(f"[{done + 1}/{len(descs)}] latency p50 {report.pct([r['latency_ms'] for r in chunk], 50):.0f}"
+                      f" ms, RSS {samples[-1]['rss_mb']:.0f} MiB, folders {samples[-1]['folders']},"
                       f" errors {sum(bool(r['error']) for r in chunk)}", flush=True)
-            if stop:
-                print(f"stopped after {args.minutes} minutes: {i + 1} of {len(descs)} names", flush=True)
-                break
+
+    async with http_client(server) as http:
+        await asyncio.gather(*(client(http) for _ in range(args.concurrency)))
+    if stopped:
+        print(f"stopped after {args.minutes} minutes: {len(rows)} of {len(descs)} names", flush=True)
     return rows, samples
 
 
@@ -99,7 +112,8 @@ def markdown(s: dict, ctx: dict, flags: list[str], env: dict[str, str]) -> str:
     lines = ["# Scale: distinct descriptions one after another", "",
              f"`{ctx['command']}` ({ctx['date']}, {ctx['cpus']} CPUs, load average {ctx['load_average_at_end']} "
              f"at the end). Server flags `{' '.join(flags)}`, "
-             + ", ".join(f"{k}={v}" for k, v in env.items()) + ". Every request is a new description (a cache miss).",
+             + ", ".join(f"{k}={v}" for k, v in env.items()) + f". {ctx['concurrency']} clients at once, each sending "
+             "new descriptions one after another: every request is a cache miss.",
              "", *report.table(["requests", "latency p50 ms", "latency p95 ms", "TTFT p50 ms", "errors",
                                 "server RSS max MiB"],
                                [[c["requests"], c["latency_ms"]["p50"], c["latency_ms"]["p95"], c["ttft_ms"]["p50"],
@@ -144,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=20000, help="distinct descriptions, one request each")
     parser.add_argument("--max-tokens", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=4,
+                        help="clients sending new descriptions at once, each one after another")
     parser.add_argument("--cache-max-adapters", type=int, default=64, help="VLLM_T2L_CACHE_MAX_ADAPTERS")
     parser.add_argument("--grace-s", type=float, default=10.0, help="VLLM_T2L_CACHE_GRACE_S")
     parser.add_argument("--max-cpu-loras", type=int, default=32)
@@ -170,7 +186,7 @@ def main() -> None:
         finally:
             keep_log(server, args.out, "scale")
     s = summarise(rows, samples, args.chunk)
-    ctx = report.context("benchmarks.scale") | {"planned": args.n}
+    ctx = report.context("benchmarks.scale") | {"planned": args.n, "concurrency": args.concurrency}
     path = report.write(args.out, "scale", markdown(s, ctx, flags, env),
                         {"context": ctx, "server_flags": flags, "env": env, "summary": s, "samples": samples,
                          "rows": rows})
