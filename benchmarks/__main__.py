@@ -26,6 +26,13 @@ from benchmarks import report
 from vllm_t2l.models import MINILM_CHECKPOINT
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it, so recorded commands rerun anywhere."""
+    path = path.resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+
 class Bench(NamedTuple):
     name: str
     quick: list[str] | None  # flags for --quick; None: not run with --quick
@@ -40,8 +47,9 @@ BENCHMARKS = [
     Bench("cpu_lora_ops", []),
     Bench("cold_miss", ["--descriptions", "3"]),
     Bench("cold_miss_minilm", ["--descriptions", "3"], "cold-miss-minilm", module="cold_miss",
-          flags=("--checkpoint", str(MINILM_CHECKPOINT))),
+          flags=("--checkpoint", _shown(MINILM_CHECKPOINT))),
     Bench("throughput", ["--k", "1,4", "--min-requests", "4", "--rounds", "1", "--max-tokens", "16"]),
+    Bench("decode_step", ["--rounds", "1", "--tokens", "16"]),
     Bench("lora_cost", None, long=True),  # six servers
     Bench("scale", ["--n", "40", "--chunk", "20"], long=True),
     Bench("load", ["--requests", "40", "--descriptions", "16", "--concurrency", "8"]),
@@ -55,6 +63,31 @@ BENCHMARKS = [
 def _load(out: Path, name: str) -> dict | None:
     path = out / f"{name}.json"
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def _result(out: Path, b: Bench) -> Path | None:
+    """A benchmark's latest JSON result under ``out``, where it writes one (quality: its own subfolder)."""
+    module = b.module or b.name
+    for path in (out / b.folder / f"{module}.json", out / module / f"{module}.json"):
+        if path.exists():
+            return path
+    return None
+
+
+def latest(out: Path) -> list[dict]:
+    """Every benchmark's latest result present under ``out`` (run now or earlier) with the date and
+    command recorded in it, so the summary describes the results folder, not only this invocation."""
+    rows = []
+    for b in BENCHMARKS:
+        path = _result(out, b)
+        if path is None:
+            rows.append({"name": b.name, "result": "", "date": "", "command": ""})
+            continue
+        data = json.loads(path.read_text())
+        ctx = data.get("context") or data
+        rows.append({"name": b.name, "result": str(path.relative_to(out).with_suffix(".md")),
+                     "date": str(ctx.get("date", "not recorded")), "command": ctx.get("command", "")})
+    return rows
 
 
 def verdict(ok: bool) -> str:
@@ -94,6 +127,15 @@ def _bars(out: Path) -> list[tuple[str, str, str, str]]:
         rows.append((f"load: {ld['requests']} requests, {ld['concurrency']} at a time: no errors, base = base alone",
                      f"{ld['errors']} errors, {ld['base_answers_differing']} base answers differing", verdict(ok),
                      "load.md"))
+    if q := _load(out / "quality", "quality"):
+        gap = q["all"]["generated adapter"]["gap_closed"]
+        rows.append((f"adapter quality ({Path(q['checkpoint']['path']).name}): >= 50% of the held-out KL gap closed",
+                     f"{gap:.1%}", verdict(gap >= 0.5), "quality/quality.md"))
+    if c := _load(out / "control", "control"):
+        pairs = {k.split("/")[0]: v["bar_met"] for k, v in c["summary"].items() if k.endswith("/weight")}
+        rows.append(("control: every opposite pair dials monotonically in weight space (Spearman >= 0.9, ppl <= 1.5x)",
+                     f"{sum(pairs.values())} of {len(pairs)} pairs", verdict(all(pairs.values())),
+                     "control/control.md"))
     if f := _load(out / "follow", "follow"):
         b, rec = f["bars"], f"{f['recommended']:g}"
         rows += [(f"follow, strength {rec}: moved the asked way on >= 90% of descriptions", f"{b['moved']:.0%}",
@@ -140,7 +182,7 @@ def main() -> None:
         if importlib.util.find_spec(f"benchmarks.{module}") is None:
             runs.append({"name": name, "status": "missing", "command": "", "seconds": 0.0})
             continue
-        flags = [*b.flags, *(b.quick or [] if args.quick else []), "--out", str(args.out / b.folder)]
+        flags = [*b.flags, *(b.quick or [] if args.quick else []), "--out", _shown(args.out / b.folder)]
         cmd = [sys.executable, "-m", f"benchmarks.{module}", *flags]
         print(f"== {name}: {shlex.join(['python', *cmd[1:]])}", flush=True)
         start = time.perf_counter()
@@ -150,15 +192,21 @@ def main() -> None:
         status = "ok" if rc == 0 else f"failed (exit {rc}, see logs/{name}.log)"
         print(f"   {status} in {seconds:.0f} s", flush=True)
         runs.append({"name": name, "status": status, "command": shlex.join(["python", *cmd[1:]]), "seconds": seconds})
-    bars = _bars(args.out)
+    bars, results = _bars(args.out), latest(args.out)
     lines = ["# Benchmarks", "",
              f"`python -m benchmarks {shlex.join(sys.argv[1:])}` ({time.strftime('%Y-%m-%d %H:%M')})"
              + (", **quick settings: the numbers check the pipeline only**" if args.quick else "") + ".", "",
+             "## What ran", "",
              *report.table(["benchmark", "status", "minutes", "command"],
                            [[r["name"], r["status"], f"{r['seconds'] / 60:.1f}", f"`{r['command']}`" if r["command"]
                              else ""] for r in runs]),
+             "", "## Latest result of each benchmark", "",
+             "Run now or earlier; each file records the command and date that made it.", "",
+             *report.table(["benchmark", "result", "date", "command"],
+                           [[r["name"], f"[{r['result']}]({r['result']})" if r["result"] else "none yet", r["date"],
+                             f"`{r['command']}`" if r["command"] else ""] for r in results]),
              "", "## The bars", "", *report.table(["bar", "measured", "verdict", "details"], bars)]
-    path = report.write(args.out, "summary", "\n".join(lines), {"quick": args.quick, "runs": runs,
+    path = report.write(args.out, "summary", "\n".join(lines), {"quick": args.quick, "runs": runs, "latest": results,
                                                                 "bars": [dict(zip(("bar", "measured", "verdict",
                                                                                    "details"), b)) for b in bars]})
     print(path.read_text())
