@@ -116,3 +116,36 @@ def test_grouped_ops_alone_do_not_trace(installed):
 
     with pytest.raises(Exception):  # noqa: B017 (dynamo's error class differs between torch releases)
         torch.compile(layer, fullgraph=True, dynamic=True)(torch.randn(2, HIDDEN))
+
+
+def test_batch_without_adapters_skips_the_lora_ops(installed, monkeypatch):
+    """A batch whose tokens all have no adapter (index -1) leaves the output as it is and never reaches the
+    grouped ops; a batch with an adapter still does, also after an all-base one whose mapping is not a
+    prefill one (vLLM then leaves ``no_lora`` as it was)."""
+    from vllm.lora.layers import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    torch.manual_seed(0)
+    lora_ids = [11, 12, 13, 14]
+    wrapper = PunicaWrapperCPU(64, 16, device="cpu")
+    calls = []
+    real = wrapper.add_lora_linear
+    monkeypatch.setattr(wrapper, "add_lora_linear", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    a = tuple(_weights(RANK, HIDDEN) for _ in WIDTHS)
+    b = tuple(_weights(w, RANK) for w in WIDTHS)
+    compiled_lora._LAYERS["test.qkv"] = SimpleNamespace(punica_wrapper=wrapper, lora_a_stacked=a, lora_b_stacked=b,
+                                                        output_slices=WIDTHS)
+    try:
+        for tokens, prefill, used in [((0, 0, 0), True, False), ((11, 0, 12), False, True), ((0, 0), True, False),
+                                      ((0, 13), True, True)]:
+            wrapper.update_metadata(LoRAMapping(tokens, tokens, is_prefill=prefill), lora_ids, SLOTS, vocab_size=100)
+            x, y = torch.randn(len(tokens), HIDDEN), torch.randn(len(tokens), sum(WIDTHS))
+            before, calls[:] = y.clone(), []
+            torch.ops.vllm_t2l.lora_linear(y, x, "test.qkv")
+            assert bool(calls) == used
+            rows = [t for t, i in enumerate(tokens) if i > 0]
+            assert not torch.equal(y[rows], before[rows]) if used else torch.equal(y, before)
+            torch.testing.assert_close(y[[t for t, i in enumerate(tokens) if i == 0]],
+                                       before[[t for t, i in enumerate(tokens) if i == 0]], rtol=0, atol=0)
+    finally:
+        compiled_lora._LAYERS.pop("test.qkv")
