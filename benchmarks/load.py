@@ -96,7 +96,8 @@ def markdown(s: dict, ctx: dict, flags: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, apart from running it, so that the docs' commands can be checked against it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--descriptions", type=int, default=200)
@@ -106,7 +107,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=report.RESULTS)
     parser.add_argument("server_args", nargs="*", help="extra flags for `vllm-t2l serve` (after --)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     flags = ["--max-loras", "4", "--max-num-seqs", "32", *args.server_args]
     with tempfile.TemporaryDirectory(prefix="t2l-load-") as tmp:
         server = ServerProcess([*flags, "--cache-dir", str(Path(tmp) / "t2l")], Path(tmp) / "server.log")
