@@ -32,7 +32,6 @@ def _shown(path: Path) -> str:
     return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
-
 class Bench(NamedTuple):
     name: str
     quick: list[str] | None  # flags for --quick; None: not run with --quick

@@ -109,7 +109,7 @@ def summarise(rows: list[dict], samples: list[dict], chunk: int) -> dict:
 
 def markdown(s: dict, ctx: dict, flags: list[str], env: dict[str, str]) -> str:
     rss, m = s["rss_mb"], s["memory_slope_last_half"]
-    lines = ["# Scale: distinct descriptions one after another", "",
+    lines = ["# Scale: distinct descriptions, each a cache miss", "",
              f"`{ctx['command']}` ({ctx['date']}, {ctx['cpus']} CPUs, load average {ctx['load_average_at_end']} "
              f"at the end). Server flags `{' '.join(flags)}`, "
              + ", ".join(f"{k}={v}" for k, v in env.items()) + f". {ctx['concurrency']} clients at once, each sending "
