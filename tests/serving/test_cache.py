@@ -10,6 +10,7 @@ import json
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -206,14 +207,21 @@ def test_grace_period_keeps_files_and_revives(tmp_path):
     assert not cache.entries[K1].names
 
 
-def test_retired_files_deleted_after_grace(tmp_path):
-    cache = AdapterCache(tmp_path, CacheLimits(max_adapters=1, grace_s=0.05))
+def test_retired_files_deleted_after_grace(tmp_path, monkeypatch):
+    """On a clock the test moves (a real sleep is too short to trust on a loaded machine): a retiree older than
+    the grace period is deleted at the next eviction pass, one retired in that pass is kept."""
+    from vllm_t2l.serving import cache as cache_module
+
+    skew = [0.0]
+    clock = SimpleNamespace(monotonic=lambda: time.monotonic() + skew[0], time=lambda: time.time() + skew[0])
+    monkeypatch.setattr(cache_module, "time", clock)
+    cache = AdapterCache(tmp_path, CacheLimits(max_adapters=1, grace_s=10))
 
     async def main():
         await cache.get(K1, Maker())
         await cache.get(K2, Maker())
         assert (tmp_path / K1).exists() and K1 in cache.retired
-        await asyncio.sleep(0.1)
+        skew[0] = 20.0
         await cache.get(K3, Maker())  # any later eviction pass sweeps expired retirees
 
     asyncio.run(main())
