@@ -484,3 +484,96 @@ def test_dense_path_only_when_most_slots_are_in_use(slots_total, dense):
     plan = cpu_ops._plan(torch.tensor([0, 1, 2, 3]))
     assert USE_DENSE(plan, slots_total, 16) is dense
     assert not USE_DENSE(cpu_ops._plan(torch.tensor([2, 2, 2, 2])), 4, 16)  # one adapter: grouped
+
+
+# --- add_lora_linear layouts -------------------------------------------------------------------
+
+
+def _reference_linear(y, x, a, b, mapping, scale):
+    out = y.double().clone()
+    for t, s in enumerate(mapping):
+        if s >= 0:
+            out[t] += torch.cat([scale * x[t].double() @ a_i[s, 0].double().T @ b_i[s, 0].double().T
+                                 for a_i, b_i in zip(a, b)])
+    return out
+
+
+def _qkv(rank_used: int, max_rank: int = 2 * RANK):
+    """A q/k/v-like layer whose k slice no adapter targets, adapters of rank ``rank_used`` zero-padded to
+    ``max_rank`` as vLLM stores them."""
+    widths = (OUT, OUT // 2, OUT // 2)
+    a = tuple(_weights(max_rank, HIDDEN, torch.float32) for _ in widths)
+    b = tuple(_weights(w, max_rank, torch.float32) for w in widths)
+    for t in a:
+        t[:, :, rank_used:] = 0
+    a[1].zero_()
+    b[1].zero_()
+    return widths, a, b
+
+
+LAYOUTS = {
+    "every_slot_once": [3, 0, 2, 1],
+    "equal_groups": [1, 2, 1, 2, 2, 1],
+    "padded_groups_and_none": [0, 0, 0, -1, 2, 1, -1],
+    "gathered_slots": [3, 0, 3, 0, -1],
+    "long_prompt_and_decode": [1] * 12 + [0, 3],
+}
+
+
+@_cases(LAYOUTS)
+def test_fused_linear_layouts_match_reference(mapping):
+    """Equal groups, groups padded to equal length, slots gathered out of order, and one group at a time (a long
+    prompt beside decode tokens) all give the per-token result; rows with no adapter are left bit for bit."""
+    widths, a, b = _qkv(RANK)
+    x, y = torch.randn(len(mapping), HIDDEN), torch.randn(len(mapping), sum(widths))
+    got = y.clone()
+    cpu_ops.add_lora_linear(SimpleNamespace(token_lora_indices=torch.tensor(mapping)), got, x, a, b, 0.5, widths)
+    torch.testing.assert_close(got.double(), _reference_linear(y, x, a, b, mapping, 0.5), **TOL[torch.float32])
+    none = [t for t, s in enumerate(mapping) if s < 0]
+    assert torch.equal(got[none], y[none])
+
+
+def test_products_per_layer_do_not_grow_with_adapters():
+    """A decode batch of 16 tokens on 16 adapters runs two matrix products in all (one shrink, one expand),
+    not one or two per adapter: on CPU each small product costs more in call overhead than in arithmetic."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Products(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func.overloadpacket.__name__ in {"mm", "bmm", "addmm", "baddbmm", "matmul"}
+            return func(*args, **(kwargs or {}))
+
+    slots, hidden = 16, 64
+    a = (torch.randn(slots, 1, RANK, hidden), torch.randn(slots, 1, RANK, hidden))
+    b = (torch.randn(slots, 1, hidden, RANK), torch.randn(slots, 1, hidden // 2, RANK))
+    wrapper = SimpleNamespace(token_lora_indices=torch.randperm(slots))
+    x, y = torch.randn(slots, hidden), torch.zeros(slots, hidden + hidden // 2)
+    cpu_ops.add_lora_linear(wrapper, y, x, a, b, 1.0, (hidden, hidden // 2))  # builds the fused weights
+    with Products() as products:
+        cpu_ops.add_lora_linear(wrapper, y, x, a, b, 1.0, (hidden, hidden // 2))
+    assert products.count == 2
+
+
+def test_padded_ranks_are_cut_and_a_longer_rank_rebuilds():
+    """Rank-8 adapters on a rank-16 engine: the fused adapter keeps 8 rank rows per targeted slice, not 16.
+    A later load of a rank-16 adapter into one slot widens it again, and every slot stays exact."""
+    mapping = [0, 1, 2, 3, -1, 1]
+    load = cpu_ops._count_loads(lambda self, lora_id: True)
+    manager = SimpleNamespace(lora_index_to_id=[11, 12, 13, 14])
+    wrapper = SimpleNamespace(token_lora_indices=torch.tensor(mapping))
+    with torch.inference_mode():
+        widths, a, b = _qkv(RANK)
+        x, y = torch.randn(len(mapping), HIDDEN), torch.randn(len(mapping), sum(widths))
+        got = y.clone()
+        cpu_ops.add_lora_linear(wrapper, got, x, a, b, 1.0, widths)
+        assert cpu_ops._fused_weights(a, b, widths).a.shape[1] == 2 * RANK  # q and v, rank 8 each
+        torch.testing.assert_close(got.double(), _reference_linear(y, x, a, b, mapping, 1.0), **TOL[torch.float32])
+        for t in (a[0], a[2]):
+            t[1, 0].copy_(torch.randn(2 * RANK, HIDDEN))
+        load(manager, 12)
+        got = y.clone()
+        cpu_ops.add_lora_linear(wrapper, got, x, a, b, 1.0, widths)
+        assert cpu_ops._fused_weights(a, b, widths).a.shape[1] == 4 * RANK
+        torch.testing.assert_close(got.double(), _reference_linear(y, x, a, b, mapping, 1.0), **TOL[torch.float32])

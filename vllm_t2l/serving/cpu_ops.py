@@ -21,7 +21,8 @@ LoRA lm_head (``add_lora_logits``, indexed per request by ``sampler_indices``) a
 fixed here, keeps that from reaching the output).
 
 ``add_lora_linear`` replaces ``PunicaWrapperCPU.add_lora_linear``, which runs a shrink and an expand per
-slice of a fused layer (six op calls for q/k/v); it runs the targeted slices as one adapter instead.
+slice of a fused layer (six op calls for q/k/v); it runs the targeted slices as one adapter, and every
+adapter slot of the batch in one batched product.
 
 ``install()`` patches vLLM with them, only for vLLM releases verified here (``vllm.__version__``),
 only on the CPU platform, and only once. Set ``VLLM_T2L_CPU_OPS=0`` to disable it (for example to
@@ -129,6 +130,22 @@ class _Plan:
     safe: torch.Tensor  # slot per token with -1 as 0, and a [tokens, 1] mask of the -1 rows
     none: torch.Tensor
     rows: torch.Tensor  # arange(tokens)
+    slot_ids: torch.Tensor  # ``slots`` as a tensor
+
+    def padded(self, per_slot: int) -> torch.Tensor | None:
+        """Where each slot-sorted token sits when every slot's group is padded to ``per_slot`` rows, or
+        ``None`` when the groups are already that long."""
+        if all(c == per_slot for c in self.counts):
+            return None
+        if self._padded is None or self._padded[0] != per_slot:
+            counts = torch.tensor(self.counts)
+            starts = torch.cumsum(counts, 0) - counts
+            group = torch.repeat_interleave(torch.arange(len(self.counts)), counts)
+            within = torch.arange(int(counts.sum())) - starts[group]
+            self._padded = (per_slot, group * per_slot + within)
+        return self._padded[1]
+
+    _padded: tuple[int, torch.Tensor] | None = None
 
 
 _last_plan: list[_Plan] = []
@@ -145,7 +162,7 @@ def _plan(indices: torch.Tensor) -> _Plan:
     if slots and slots[0] < 0:  # -1 sorts first: drop those tokens
         order, slots, counts = order[counts[0] :], slots[1:], counts[1:]
     plan = _Plan(indices.clone(), order, slots, counts, indices.clamp(min=0), (indices < 0).unsqueeze(1),
-                 torch.arange(indices.numel()))
+                 torch.arange(indices.numel()), torch.tensor(slots, dtype=torch.long))
     _last_plan[:] = [plan]
     return plan
 
@@ -356,60 +373,101 @@ def sgmv_expand_slice(
                       add_inputs)
 
 
-def _fused_weights(lora_a_stacked: tuple[torch.Tensor, ...], lora_b_stacked: tuple[torch.Tensor, ...],
-                   output_slices: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """One layer's slices as one adapter: A of every targeted slice stacked on the rank axis
-    (``[slots, n*r, in]``) and a block-diagonal B mapping each rank block to its output columns
-    (``[slots, sum(output_slices), n*r]``). Slices no adapter targets are left out. ``None``
-    when no slice is targeted. Memoised on the first A tensor until vLLM writes into any of them;
-    after a load that leaves the same slices targeted, only the written slot is refreshed.
+@dataclass
+class _Fused:
+    """One layer's targeted slices as one adapter, laid out for batched products.
+
+    ``a`` stacks every targeted slice's A on the rank axis, each cut to the ranks some slot uses (vLLM pads an
+    adapter's rank up to ``--max-lora-rank`` with zeros, so a rank-8 adapter on a rank-16 engine would
+    otherwise double the work). ``b`` is the matching block-diagonal B, transposed: ``[slots, rank, width]``
+    over the output columns ``cols`` from the first targeted slice to the last, so one product writes every
+    slice and an untargeted slice past the ends (k when adapters target q alone) costs nothing.
     """
+
+    a: torch.Tensor  # [slots, sum(ranks), in]
+    b: torch.Tensor  # [slots, sum(ranks), cols[1] - cols[0]]
+    ranks: list[tuple[int, int]]  # each targeted slice's rank rows of ``a``
+    cols: tuple[int, int]
+
+
+def _used_rank(a: torch.Tensor) -> int:
+    """Rows of a stacked A ``[slots, rank, in]`` up to the last one that any slot uses (at least one)."""
+    used = a.reshape(a.shape[0], a.shape[1], -1).any(dim=-1).any(dim=0).nonzero()
+    return int(used[-1]) + 1 if used.numel() else 1
+
+
+def _fused_weights(lora_a_stacked: tuple[torch.Tensor, ...], lora_b_stacked: tuple[torch.Tensor, ...],
+                   output_slices: tuple[int, ...]) -> _Fused | None:
+    """The layer's ``_Fused`` adapter, or ``None`` when no slice is targeted. Memoised on the first A tensor
+    until vLLM writes into any of them; after a load that fits the same slices and ranks, only the written
+    slot is refreshed."""
     versions = tuple(_contents(t) for t in (*lora_a_stacked, *lora_b_stacked))
     memo = getattr(lora_a_stacked[0], "_vllm_t2l_fused", None)
     if memo is not None and memo[0] == versions:
         return memo[2]
     keep = [i for i, a in enumerate(lora_a_stacked) if not _all_zero(a)]
+    a_all = [_stacked(lora_a_stacked[i]) for i in keep]
+    b_all = [_stacked(lora_b_stacked[i]) for i in keep]
     fused = None
-    if keep:
-        a_all = [_stacked(lora_a_stacked[i]) for i in keep]
-        b_all = [_stacked(lora_b_stacked[i]) for i in keep]
-        written = _written_since(memo[0][0], versions[0]) if memo else None  # one load log for every tensor
-        if memo and memo[1] == keep and written is not None:
-            fused = memo[2]
+    written = _written_since(memo[0][0], versions[0]) if memo else None  # one load log for every tensor
+    if keep and memo and memo[1] == keep and written is not None:
+        fused = memo[2]
+        if all(not a[slot, hi - lo:].any() for slot in written for a, (lo, hi) in zip(a_all, fused.ranks)):
             for slot in written:
-                _fill(*fused, a_all, b_all, keep, output_slices, slot)
-        else:
-            slots, rank = a_all[0].shape[0], a_all[0].shape[1]
-            a = a_all[0].new_empty(slots, rank * len(keep), a_all[0].shape[2],
-                                   dtype=torch.promote_types(a_all[0].dtype, torch.float32))
-            fused = a, a.new_zeros(slots, sum(output_slices), rank * len(keep))
-            _fill(*fused, a_all, b_all, keep, output_slices, slice(None))
-        for t in fused:  # holds adapters, so not all zero: spare the ops a scan of every slot
-            t._vllm_t2l_nonzero = (_contents(t), [True])
+                _fill(fused, a_all, b_all, keep, output_slices, slot)
+        else:  # a rank beyond the cut: rebuild
+            fused = None
+    if keep and fused is None:
+        ranks = [_used_rank(a) for a in a_all]
+        offsets = [sum(ranks[:j]) for j in range(len(ranks) + 1)]
+        cols = (sum(output_slices[: keep[0]]), sum(output_slices[: keep[-1] + 1]))
+        dtype = torch.promote_types(a_all[0].dtype, torch.float32)
+        slots, n_in = a_all[0].shape[0], a_all[0].shape[2]
+        fused = _Fused(a_all[0].new_empty(slots, offsets[-1], n_in, dtype=dtype),
+                       a_all[0].new_zeros(slots, offsets[-1], cols[1] - cols[0], dtype=dtype),
+                       list(zip(offsets, offsets[1:])), cols)
+        _fill(fused, a_all, b_all, keep, output_slices, slice(None))
     lora_a_stacked[0]._vllm_t2l_fused = (versions, keep, fused)
     return fused
 
 
-def _fill(a: torch.Tensor, b: torch.Tensor, a_all: list[torch.Tensor], b_all: list[torch.Tensor], keep: list[int],
+def _fill(fused: _Fused, a_all: list[torch.Tensor], b_all: list[torch.Tensor], keep: list[int],
           output_slices: tuple[int, ...], slots: int | slice) -> None:
-    """Write ``slots`` (one slot, or ``slice(None)``) of the fused A and block-diagonal B."""
-    rank = a_all[0].shape[1]
-    a[slots] = torch.cat([t[slots] for t in a_all], dim=-2)
-    offsets = [sum(output_slices[:i]) for i in range(len(output_slices))]
-    for j, (i, b_i) in enumerate(zip(keep, b_all)):
-        width = min(output_slices[i], b_i.shape[1])
-        b[slots, offsets[i]: offsets[i] + width, j * rank: (j + 1) * rank] = b_i[slots, :width]
+    """Write ``slots`` (one slot, or ``slice(None)``) of the fused adapter from vLLM's stacked tensors."""
+    fused.a[slots] = torch.cat([a[slots, : hi - lo] for a, (lo, hi) in zip(a_all, fused.ranks)], dim=-2)
+    for i, b, (lo, hi) in zip(keep, b_all, fused.ranks):
+        start = sum(output_slices[:i]) - fused.cols[0]
+        width = min(output_slices[i], b.shape[1])
+        fused.b[slots, lo:hi, start: start + width] = b[slots, :width, : hi - lo].transpose(-1, -2)
+
+
+def _apply(y: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, fused: _Fused, slots: torch.Tensor | slice,
+           scale: float, pick: torch.Tensor | None) -> None:
+    """``y[rows] += scale * x @ A.T @ B.T`` for ``x`` laid out ``[slots, tokens per slot, in]``, in two batched
+    products. ``pick`` selects the real tokens of a layout padded to equal groups (``None``: no padding)."""
+    def weights(w: torch.Tensor) -> torch.Tensor:
+        return w[slots] if isinstance(slots, slice) else w.index_select(0, slots)
+
+    h = torch.bmm(x, weights(fused.a).transpose(1, 2))
+    if scale != 1.0:
+        h.mul_(scale)
+    out = torch.bmm(h, weights(fused.b)).view(x.shape[0] * x.shape[1], -1)
+    if pick is not None:
+        out = out.index_select(0, pick)
+    y[:, fused.cols[0]: fused.cols[1]].index_add_(0, rows, out.to(y.dtype))
 
 
 def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
                     lora_b_stacked: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...],
                     *, buffer=None, **kwargs) -> None:
-    """``PunicaWrapperCPU.add_lora_linear`` in two op calls instead of two per slice.
+    """``PunicaWrapperCPU.add_lora_linear`` as a few batched products instead of ops per slice and slot.
 
-    vLLM shrinks and expands each slice of a fused layer (q, k, v) separately: six op calls per
-    layer, mostly per-call overhead on CPU. Here the targeted slices' A and B form one adapter of
-    rank ``n*r`` (B block-diagonal), so one shrink and one expand write the whole output, and an
-    untargeted slice (k when adapters target q and v) costs nothing. ``buffer`` is not needed.
+    vLLM shrinks and expands each slice of a fused layer (q, k, v) separately, and the grouped ops above run
+    one product per adapter slot: with 16 adapters in a decode batch, about 30 small products a layer, mostly
+    per-call overhead on CPU. Here the tokens, sorted by slot, are laid out as ``[slots, tokens per slot, in]``
+    (shorter groups padded with zero rows), so two batched products, shrink and expand, serve every slot at
+    once. When padding would more than double the work (a long prompt beside a few decode tokens), each
+    slot's group runs on its own instead. Rows with no adapter are never touched. ``buffer`` is not needed.
     """
     indices = self.token_lora_indices
     x2 = x.view(-1, x.shape[-1])
@@ -418,12 +476,21 @@ def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tupl
         return _originals["add_lora_linear"](self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
                                              buffer=buffer, **kwargs)
     fused = _fused_weights(lora_a_stacked, lora_b_stacked, output_slices)
-    if fused is None:
+    plan = _plan(indices)
+    if fused is None or not plan.slots:
         return
-    a, b = fused
-    h = torch.empty(x2.shape[0], a.shape[1], dtype=torch.float32)
-    bgmv_shrink(x2, a, h, indices, scale)
-    bgmv_expand(h, b, y2, indices, add_inputs=True)
+    xs = x2.index_select(0, plan.order).to(fused.a.dtype)
+    per_slot = max(plan.counts)
+    if len(plan.slots) * per_slot <= 2 * xs.shape[0]:
+        first, last = plan.slots[0], plan.slots[-1]
+        slots = slice(first, last + 1) if last - first + 1 == len(plan.slots) else plan.slot_ids
+        pick = plan.padded(per_slot)
+        if pick is not None:
+            xs = xs.new_zeros(len(plan.slots) * per_slot, xs.shape[1]).index_copy_(0, pick, xs)
+        _apply(y2, plan.order, xs.view(len(plan.slots), per_slot, -1), fused, slots, scale, pick)
+        return
+    for slot, rows, x_block in zip(plan.slots, plan.order.split(plan.counts), xs.split(plan.counts)):
+        _apply(y2, rows, x_block.unsqueeze(0), fused, slice(slot, slot + 1), scale, None)
 
 
 def _count_loads(activate_adapter):
