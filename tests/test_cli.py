@@ -124,3 +124,12 @@ def test_serve_passes_the_embedder_code_opt_in(no_prepare, tiny_checkpoint):
     assert "VLLM_T2L_TRUST_EMBEDDER_CODE" not in env or env["VLLM_T2L_TRUST_EMBEDDER_CODE"] != "1"
     _, env = cli.serve_command([], str(tiny_checkpoint), None, None, trust_embedder_code=True)
     assert env["VLLM_T2L_TRUST_EMBEDDER_CODE"] == "1"
+
+
+def test_serve_caps_glibc_heaps_unless_the_user_set_it(no_prepare, tiny_checkpoint, monkeypatch):
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    _, env = cli.serve_command([], str(tiny_checkpoint), None, None)
+    assert env["MALLOC_ARENA_MAX"] == "2"
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
+    _, env = cli.serve_command([], str(tiny_checkpoint), None, None)
+    assert env["MALLOC_ARENA_MAX"] == "8"

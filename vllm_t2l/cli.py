@@ -70,6 +70,8 @@ def serve_command(vllm_args: list[str], checkpoint: str | None, catalog: str | N
     env.setdefault("VLLM_PLUGINS", plugins_allowlist())  # one set by the user is kept as it is
     if not on_gpu:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    # glibc's per-thread heaps fragment as adapters come and go; two keep server memory flat over many names
+    env.setdefault("MALLOC_ARENA_MAX", "2")
     for key, value in (("CHECKPOINT", checkpoint), ("CATALOG", catalog), ("CACHE_DIR", cache_dir)):
         if value:
             env[f"VLLM_T2L_{key}"] = str(Path(value).resolve())
