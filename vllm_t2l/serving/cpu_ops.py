@@ -22,7 +22,7 @@ fixed here, keeps that from reaching the output).
 
 ``add_lora_linear`` replaces ``PunicaWrapperCPU.add_lora_linear``, which runs a shrink and an expand per
 slice of a fused layer (six op calls for q/k/v); it runs the targeted slices as one adapter, and every
-adapter slot of the batch in one batched product.
+adapter slot of the batch in two batched products (shrink, expand).
 
 ``install()`` patches vLLM with them, only for vLLM releases verified here (``vllm.__version__``),
 only on the CPU platform, and only once. Set ``VLLM_T2L_CPU_OPS=0`` to disable it (for example to
