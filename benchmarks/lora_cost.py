@@ -56,9 +56,7 @@ def run(server: ServerProcess, setup: str, args) -> dict:
     return asyncio.run(measure(server, work, [args.k], [setup], args))[0]
 
 
-def main() -> None:
-    from vllm_t2l.models import prepare_default_model
-
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ranks", default="8,16,32")
     parser.add_argument("--targets", default="qv,all")
@@ -68,7 +66,13 @@ def main() -> None:
     parser.add_argument("--min-requests", type=int, default=32)
     parser.add_argument("--out", type=Path, default=report.RESULTS)
     parser.add_argument("server_args", nargs="*", help="extra vLLM flags for every server (after --)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    from vllm_t2l.models import prepare_default_model
+
+    args = build_parser().parse_args()
     ranks = [int(r) for r in args.ranks.split(",")]
     targets = args.targets.split(",")
     model = prepare_default_model()
