@@ -131,6 +131,7 @@ class _Plan:
     none: torch.Tensor
     rows: torch.Tensor  # arange(tokens)
     slot_ids: torch.Tensor  # ``slots`` as a tensor
+    _padded: tuple[int, torch.Tensor] | None = None  # memo of ``padded``
 
     def padded(self, per_slot: int) -> torch.Tensor | None:
         """Where each slot-sorted token sits when every slot's group is padded to ``per_slot`` rows, or
@@ -144,8 +145,6 @@ class _Plan:
             within = torch.arange(int(counts.sum())) - starts[group]
             self._padded = (per_slot, group * per_slot + within)
         return self._padded[1]
-
-    _padded: tuple[int, torch.Tensor] | None = None
 
 
 _last_plan: list[_Plan] = []
