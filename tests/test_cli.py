@@ -133,3 +133,37 @@ def test_serve_caps_glibc_heaps_unless_the_user_set_it(no_prepare, tiny_checkpoi
     monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
     _, env = cli.serve_command([], str(tiny_checkpoint), None, None)
     assert env["MALLOC_ARENA_MAX"] == "8"
+
+
+@pytest.fixture
+def cpu_with_jemalloc(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr(cli.ctypes.util, "find_library",
+                        lambda name: "libjemalloc.so.2" if name == "jemalloc" else None)
+    for key in ("LD_PRELOAD", "VLLM_T2L_JEMALLOC"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def test_serve_preloads_jemalloc_on_cpu(no_prepare, tiny_checkpoint, cpu_with_jemalloc, monkeypatch):
+    _, env = cli.serve_command([], str(tiny_checkpoint), None, None)
+    assert env["LD_PRELOAD"] == "libjemalloc.so.2"
+    monkeypatch.setenv("LD_PRELOAD", "/opt/libtrace.so")
+    _, env = cli.serve_command([], str(tiny_checkpoint), None, None)
+    assert env["LD_PRELOAD"] == "libjemalloc.so.2:/opt/libtrace.so"
+
+
+def test_serve_keeps_the_users_malloc_or_opt_out(no_prepare, tiny_checkpoint, cpu_with_jemalloc, monkeypatch):
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libtcmalloc_minimal.so.4")
+    _, env = cli.serve_command([], str(tiny_checkpoint), None, None)
+    assert env["LD_PRELOAD"] == "/usr/lib/libtcmalloc_minimal.so.4"
+    monkeypatch.delenv("LD_PRELOAD")
+    monkeypatch.setenv("VLLM_T2L_JEMALLOC", "0")
+    _, env = cli.serve_command([], str(tiny_checkpoint), None, None)
+    assert "LD_PRELOAD" not in env
+
+
+def test_serve_without_jemalloc_leaves_the_preload_alone(no_prepare, tiny_checkpoint, cpu_with_jemalloc,
+                                                         monkeypatch):
+    monkeypatch.setattr(cli.ctypes.util, "find_library", lambda name: None)
+    _, env = cli.serve_command([], str(tiny_checkpoint), None, None)
+    assert "LD_PRELOAD" not in env and env["MALLOC_ARENA_MAX"] == "2"
