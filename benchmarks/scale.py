@@ -107,13 +107,21 @@ def summarise(rows: list[dict], samples: list[dict], chunk: int) -> dict:
             "adapters_resident_max": max(s["adapters_resident"] for s in samples), "chunks": chunks}
 
 
+def allocator(pid: int) -> str:
+    """The malloc settings the server process runs with (`vllm-t2l serve` sets them on CPU)."""
+    import psutil
+
+    env = psutil.Process(pid).environ()
+    return ", ".join(f"{k}={env[k]}" for k in ("LD_PRELOAD", "MALLOC_ARENA_MAX") if env.get(k)) or "glibc defaults"
+
+
 def markdown(s: dict, ctx: dict, flags: list[str], env: dict[str, str]) -> str:
     rss, m = s["rss_mb"], s["memory_slope_last_half"]
     lines = ["# Scale: distinct descriptions, each a cache miss", "",
              f"`{ctx['command']}` ({ctx['date']}, {ctx['cpus']} CPUs, load average {ctx['load_average_at_end']} "
              f"at the end). Server flags `{' '.join(flags)}`, "
              + ", ".join(f"{k}={v}" for k, v in env.items()) + f". {ctx['concurrency']} clients at once, each sending "
-             "new descriptions one after another: every request is a cache miss.",
+             f"new descriptions one after another: every request is a cache miss. Server malloc: {ctx['allocator']}.",
              "", *report.table(["requests", "latency p50 ms", "latency p95 ms", "TTFT p50 ms", "errors",
                                 "server RSS max MiB"],
                                [[c["requests"], c["latency_ms"]["p50"], c["latency_ms"]["p95"], c["ttft_ms"]["p50"],
@@ -182,11 +190,13 @@ def main() -> None:
         server = ServerProcess([*flags, "--cache-dir", str(cache_root)], Path(tmp) / "server.log", env)
         try:
             with server:
+                malloc = allocator(server.pid)
                 rows, samples = asyncio.run(measure(server, descs, cache_root, args))
         finally:
             keep_log(server, args.out, "scale")
     s = summarise(rows, samples, args.chunk)
-    ctx = report.context("benchmarks.scale") | {"planned": args.n, "concurrency": args.concurrency}
+    ctx = report.context("benchmarks.scale") | {"planned": args.n, "concurrency": args.concurrency,
+                                                     "allocator": malloc}
     path = report.write(args.out, "scale", markdown(s, ctx, flags, env),
                         {"context": ctx, "server_flags": flags, "env": env, "summary": s, "samples": samples,
                          "rows": rows})

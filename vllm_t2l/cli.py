@@ -53,9 +53,9 @@ def plugins_allowlist() -> str:
 
 
 def _preload_jemalloc(env: dict[str, str]) -> None:
-    """Serve on the system's jemalloc when it has one: under glibc's malloc server memory keeps growing as
-    adapters come and go, under jemalloc it stays flat (benchmarks.scale). A malloc the user already
-    preloads is kept, and `VLLM_T2L_JEMALLOC=0` turns this off."""
+    """Serve on the system's jemalloc when it has one: as adapters come and go it hands freed memory back,
+    so the server holds less and grows more slowly than under glibc's malloc (benchmarks.scale). A malloc
+    the user already preloads is kept, and `VLLM_T2L_JEMALLOC=0` turns this off."""
     preload = env.get("LD_PRELOAD", "")
     if env.get("VLLM_T2L_JEMALLOC") == "0" or any(name in preload for name in MALLOCS):
         return
