@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from benchmarks import report
-from benchmarks.server import chat_messages, descriptions, http_client, keep_log, stream_chat, tree_rss
+from benchmarks.server import chat_messages, descriptions, http_client, keep_log, rss_by_process, stream_chat
 from vllm_t2l.launch import ServerProcess
 
 QUERY = chat_messages("Name a colour.")
@@ -32,8 +32,10 @@ def folders(root: Path) -> int:
 
 
 def sample(server: ServerProcess, i: int, start: float, cache_root: Path) -> dict:
-    return {"i": i, "t_s": time.perf_counter() - start, "rss_mb": tree_rss(server.pid) / 2**20,
-            "folders": folders(cache_root), "adapters_resident": server.metric("vllm_t2l:adapters_resident")}
+    by_process = {name: rss / 2**20 for name, rss in rss_by_process(server.pid).items()}
+    return {"i": i, "t_s": time.perf_counter() - start, "rss_mb": sum(by_process.values()),
+            "rss_mb_by_process": by_process, "folders": folders(cache_root),
+            "adapters_resident": server.metric("vllm_t2l:adapters_resident")}
 
 
 async def measure(server: ServerProcess, descs: list[str], cache_root: Path, args) -> tuple[list[dict], list[dict]]:
@@ -69,14 +71,16 @@ async def measure(server: ServerProcess, descs: list[str], cache_root: Path, arg
     return rows, samples
 
 
-def slope(samples: list[dict]) -> dict:
+def slope(samples: list[dict], process: str | None = None) -> dict:
     """Least-squares slope of server memory against names served over the last half of the run, with its
-    standard error: flat memory means a slope within two standard errors of zero."""
+    standard error: flat memory means a slope within two standard errors of zero. ``process``: that
+    process's memory alone."""
     half = [s for s in samples if s["i"] >= samples[-1]["i"] / 2]
     n = len(half)
     if n < 3:
         return {"samples": n, "kib_per_name": float("nan"), "stderr_kib_per_name": float("nan"), "flat": False}
-    xs, ys = [s["i"] for s in half], [s["rss_mb"] * 1024 for s in half]
+    xs = [s["i"] for s in half]
+    ys = [(s["rss_mb_by_process"].get(process, 0.0) if process else s["rss_mb"]) * 1024 for s in half]
     mx, my = sum(xs) / n, sum(ys) / n
     sxx = sum((x - mx) ** 2 for x in xs)
     b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
@@ -103,6 +107,8 @@ def summarise(rows: list[dict], samples: list[dict], chunk: int) -> dict:
             "rss_mb": {"first_sample": samples[0]["rss_mb"], "end_of_first_chunk": chunks[0]["rss_mb_max"],
                        "peak": max(s["rss_mb"] for s in samples), "last": samples[-1]["rss_mb"]},
             "memory_slope_last_half": slope(samples),
+            "memory_slope_last_half_by_process": {name: slope(samples, name)
+                                                  for name in samples[-1].get("rss_mb_by_process", {})},
             "folders_max": max(s["folders"] for s in samples),
             "adapters_resident_max": max(s["adapters_resident"] for s in samples), "chunks": chunks}
 
@@ -135,6 +141,9 @@ def markdown(s: dict, ctx: dict, flags: list[str], env: dict[str, str]) -> str:
              f"- Memory slope over the last half (names {m.get('from_name', 0)}-{s['requests']}, {m['samples']} "
              f"samples): **{m['kib_per_name']:.3f} KiB per name** (standard error {m['stderr_kib_per_name']:.3f}); "
              + ("flat: within two standard errors of zero." if m["flat"] else "**not flat**."),
+             *(["- By process: " + ", ".join(f"{name} {one['kib_per_name']:.3f} ({one['stderr_kib_per_name']:.3f})"
+                                              for name, one in s["memory_slope_last_half_by_process"].items())
+                + " KiB per name (standard error)."] if s.get("memory_slope_last_half_by_process") else []),
              f"- Adapter folders on disk: at most {s['folders_max']} (cache entries plus evicted folders in "
              f"their grace period); adapters resident in the cache: at most {s['adapters_resident_max']:.0f}."]
     if s["first_errors"]:
@@ -196,7 +205,7 @@ def main() -> None:
             keep_log(server, args.out, "scale")
     s = summarise(rows, samples, args.chunk)
     ctx = report.context("benchmarks.scale") | {"planned": args.n, "concurrency": args.concurrency,
-                                                     "allocator": malloc}
+                                                "allocator": malloc}
     path = report.write(args.out, "scale", markdown(s, ctx, flags, env),
                         {"context": ctx, "server_flags": flags, "env": env, "summary": s, "samples": samples,
                          "rows": rows})

@@ -180,18 +180,25 @@ def write_adapters(adapters: dict[str, str], root: Path, base_model: str, batch:
     return paths
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants (vLLM's API server and engine processes)."""
+def rss_by_process(pid: int) -> dict[str, int]:
+    """Resident bytes of a process and all its descendants (vLLM's API server and engine processes), summed
+    by process name, so a benchmark can say which of them grows."""
     import psutil
 
     root = psutil.Process(pid)
-    total = 0
+    out: dict[str, int] = {}
     for proc in [root, *root.children(recursive=True)]:
         try:
-            total += proc.memory_info().rss
+            name = "api server" if proc.pid == pid else proc.name()
+            out[name] = out.get(name, 0) + proc.memory_info().rss
         except psutil.NoSuchProcess:
             pass
-    return total
+    return out
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants."""
+    return sum(rss_by_process(pid).values())
 
 
 def keep_log(server: ServerProcess, out: Path, name: str) -> None:
