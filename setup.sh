@@ -32,6 +32,6 @@ if [ $GPU = 0 ] && ! has_jemalloc; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get install -y -q libjemalloc2 >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q libjemalloc2; } >/dev/null 2>&1 || true
   fi
-  has_jemalloc || echo "setup: optional: install jemalloc (Debian/Ubuntu: libjemalloc2) to keep server memory flat"
+  has_jemalloc || echo "setup: optional: install jemalloc (Debian/Ubuntu: libjemalloc2): the server then holds less memory"
 fi
 .venv/bin/vllm-t2l prepare 2>&1 | grep -v "it/s\]" || { echo "setup: preparing the default model failed" >&2; exit 1; }
