@@ -44,6 +44,15 @@ def rand_lora(seed: int, rank: int = 4, modules=("q_proj", "v_proj"), alpha: flo
     return LoRAWeights(A, B, alpha=alpha, use_rslora=use_rslora)
 
 
+def recording(handed: list[torch.Tensor]):
+    """An allocator for ``tensorfile.empty`` that keeps what it hands out in ``handed``: buffers of NaN
+    bytes, so an element the reader leaves unwritten shows."""
+    def alloc(nbytes: int) -> torch.Tensor:
+        handed.append(torch.full((nbytes,), 255, dtype=torch.uint8))
+        return handed[-1]
+    return alloc
+
+
 def make_hypernet(arch: str, shapes: BaseShapes, emb_dim: int = 384, seed: int = 0,
                   randomize: bool = True, follow: bool = False) -> HyperNet:
     """A hypernetwork whose heads are random (not the zero init), so outputs depend on the input."""

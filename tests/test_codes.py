@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_generator
+from conftest import recording, tiny_generator
 
 from vllm_t2l import codes
 from vllm_t2l.lora import CONFIG_FILE, METADATA_FILE
@@ -32,10 +32,14 @@ def test_codes_folders_expand_to_the_generated_adapter(which, request, tmp_path)
     for i, (spec, z, want) in enumerate(zip(specs, gen.codes(specs), gen.generate(specs))):
         folder, alpha = tmp_path / str(i), c.alpha_for(gen.rank_of(spec))
         codes.save(folder, z, basis, "tiny-llama", alpha, c.use_rslora, {"checkpoint": gen.id})
-        got = codes.expand(folder, alpha, c.use_rslora)
-        assert (got.alpha, got.use_rslora, got.rank) == (want.alpha, want.use_rslora, want.rank)
-        for m in want.A:
-            assert torch.equal(got.A[m], want.A[m]) and torch.equal(got.B[m], want.B[m])
+        handed = []
+        pooled = codes.expand(folder, alpha, c.use_rslora, recording(handed))
+        for got in (codes.expand(folder, alpha, c.use_rslora), pooled):
+            assert (got.alpha, got.use_rslora, got.rank) == (want.alpha, want.use_rslora, want.rank)
+            for m in want.A:
+                assert torch.equal(got.A[m], want.A[m]) and torch.equal(got.B[m], want.B[m])
+        assert ({t.untyped_storage().data_ptr() for t in [*pooled.A.values(), *pooled.B.values()]}
+                == {b.data_ptr() for b in handed})
         config = json.loads((folder / CONFIG_FILE).read_text())
         assert (config["r"], config["lora_alpha"], config["target_modules"]) == (gen.rank_of(spec), alpha,
                                                                                  ["q_proj", "v_proj"])

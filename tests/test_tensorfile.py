@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import recording
 from safetensors.torch import load_file, save_file
 
 from vllm_t2l import tensorfile
@@ -39,6 +40,17 @@ def test_reads_files_written_by_safetensors(tmp_path):
     save_file(want, tmp_path / "x.safetensors", metadata={"k": "v"})
     got = tensorfile.load(tmp_path / "x.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_reads_into_the_buffer_it_is_handed(tmp_path):
+    parts = stacks(torch.float32)
+    tensorfile.save(tmp_path / "x.safetensors", parts, {"format": "pt"})
+    handed = []
+    got = tensorfile.load(tmp_path / "x.safetensors", recording(handed))
+    want = expected(parts)
+    assert len(handed) == 1 and got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) and got[k].untyped_storage().data_ptr() == handed[0].data_ptr()
+               for k in want)
 
 
 def test_non_contiguous_stacks_are_written_in_order(tmp_path):

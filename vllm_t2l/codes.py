@@ -51,14 +51,20 @@ def save(folder: Path, codes: dict[str, Tensor], basis: Path, base_model: str, a
                  {**metadata, "basis": os.path.relpath(basis, folder)})
 
 
-def expand(folder: Path, alpha: float, use_rslora: bool) -> LoRAWeights:
+def expand(folder: Path, alpha: float, use_rslora: bool, alloc: tensorfile.Alloc = None) -> LoRAWeights:
     """The adapter a codes folder stands for (as ``Generator.generate`` would have returned it), in
     tensors of its own: vLLM scales B in place when it loads an adapter, so the basis is copied.
-    ``alpha`` and ``use_rslora`` are the folder's PEFT config, which the loader has already read."""
+    ``alpha`` and ``use_rslora`` are the folder's PEFT config, which the loader has already read;
+    ``alloc`` gives the memory of the adapter's tensors (see ``tensorfile.empty``)."""
     basis_file = os.path.normpath(folder / json.loads((folder / METADATA_FILE).read_text())["basis"])
     if basis_file not in _bases:
         _bases[basis_file] = tensorfile.load(basis_file)
     basis = _bases[basis_file]
     codes = tensorfile.load(folder / CODES_FILE)  # as many ranks as the basis has, or the first network's only
-    return LoRAWeights({m: expand_codes(z[None], basis[f"{m}.A"])[0] for m, z in codes.items()},
-                       {m: basis[f"{m}.B"][..., :z.shape[-1]].clone() for m, z in codes.items()}, alpha, use_rslora)
+    A, B = {}, {}
+    for m, z in codes.items():
+        shared_A, shared_B = basis[f"{m}.A"], basis[f"{m}.B"][..., :z.shape[-1]]
+        A[m] = tensorfile.empty((*z.shape[:2], shared_A.shape[-1]), shared_A.dtype, alloc)
+        expand_codes(z[None], shared_A, out=A[m][None])
+        B[m] = tensorfile.empty(shared_B.shape, shared_B.dtype, alloc).copy_(shared_B)
+    return LoRAWeights(A, B, alpha, use_rslora)

@@ -404,12 +404,13 @@ class HyperNet(nn.Module):
         return out
 
 
-def expand_codes(z: Tensor, shared_A: Tensor) -> Tensor:
+def expand_codes(z: Tensor, shared_A: Tensor, out: Tensor | None = None) -> Tensor:
     """Zhyper's A for codes ``z``: diag(z) A_shared for [N, L, r] codes, Z A_shared for [N, L, r, r]; a
-    basis with more ranks than the codes (an idle follow network's) gives its first ones."""
+    basis with more ranks than the codes (an idle follow network's) gives its first ones. ``out``: a
+    tensor of the result's shape to write into (a worker reusing its buffers)."""
     if z.dim() == 3:
-        return z[..., None] * shared_A[..., :z.shape[-1], :]
-    return z @ shared_A
+        return torch.mul(z[..., None], shared_A[..., :z.shape[-1], :], out=out)
+    return torch.matmul(z, shared_A, out=out)
 
 
 class FoldedCodes(nn.Module):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -19,6 +19,16 @@ from torch import Tensor
 
 DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 _BY_NAME = {name: (dtype, dtype.itemsize) for dtype, name in DTYPES.items()}
+Alloc = Callable[[int], Tensor] | None  # bytes -> a uint8 tensor of that many; None: torch.empty
+
+
+def empty(shape: Sequence[int], dtype: torch.dtype, alloc: Alloc = None) -> Tensor:
+    """An uninitialised tensor; with ``alloc``, a view into the bytes it hands out. Why: a serving
+    worker loads an adapter per cache miss, and fresh allocations of the same sizes, freed in another
+    order, fragment its heap; handing the same buffers out again keeps its memory flat."""
+    if alloc is None:
+        return torch.empty(shape, dtype=dtype)
+    return alloc(math.prod(shape) * dtype.itemsize).view(dtype).view(shape)
 
 
 def save(path: str | Path, stacks: Sequence[tuple[Sequence[str], Tensor]], metadata: dict[str, str]) -> None:
@@ -44,12 +54,13 @@ def save(path: str | Path, stacks: Sequence[tuple[Sequence[str], Tensor]], metad
             f.write(block.data)
 
 
-def load(path: str | Path) -> dict[str, Tensor]:
-    """Every tensor of a safetensors file, as views into one buffer read in one call."""
+def load(path: str | Path, alloc: Alloc = None) -> dict[str, Tensor]:
+    """Every tensor of a safetensors file, as views into one buffer read in one call; ``alloc`` gives
+    that buffer (see ``empty``)."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
-        data = torch.empty(max(0, f.seek(0, 2) - 8 - n), dtype=torch.uint8)
+        data = empty((max(0, f.seek(0, 2) - 8 - n),), torch.uint8, alloc)
         f.seek(8 + n)
         if f.readinto(data.numpy()) != data.numel():
             raise ValueError(f"{path}: truncated")

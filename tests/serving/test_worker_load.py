@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
 
@@ -25,10 +26,10 @@ def installed():
     assert worker_load.install()  # idempotent
 
 
-def load(folder, expected=EXPECTED, **kw) -> LoRAModel:
+def load(folder, expected=EXPECTED, dtype=torch.bfloat16, **kw) -> LoRAModel:
     peft = PEFTHelper.from_local_dir(str(folder), 2048)
     return LoRAModel.from_local_checkpoint(str(folder), expected, peft, lora_model_id=7, device="cpu",
-                                           dtype=torch.bfloat16, **kw)
+                                           dtype=dtype, **kw)
 
 
 @pytest.fixture
@@ -43,7 +44,8 @@ def folders(tmp_path):
 
 def test_our_folders_load_as_vllm_loads_them(folders, monkeypatch):
     read = []
-    monkeypatch.setattr(worker_load, "read_ours", lambda d, h, f=worker_load.read_ours: read.append(d) or f(d, h))
+    monkeypatch.setattr(worker_load, "read_ours",
+                        lambda d, h, t, f=worker_load.read_ours: read.append(d) or f(d, h, t))
     ours, plain = load(folders[0]), load(folders[1])
     assert read == [folders[0], folders[1]]  # the plain folder is looked at, then left to vLLM
     assert ours.id == plain.id == 7 and ours.rank == plain.rank and ours.loras.keys() == plain.loras.keys()
@@ -68,7 +70,7 @@ def test_unreadable_weights_fall_back_to_vllms_loader(folders, caplog):
 
 
 def test_special_loads_go_to_vllm(folders, monkeypatch):
-    monkeypatch.setattr(worker_load, "read_ours", lambda d, h: pytest.fail("fast path taken"))
+    monkeypatch.setattr(worker_load, "read_ours", lambda d, h, t: pytest.fail("fast path taken"))
     load(folders[0], skip_prefixes=["mtp."])
     peft = PEFTHelper.from_local_dir(str(folders[0]), 2048)
     assert LoRAModel.from_local_checkpoint(str(folders[0]), EXPECTED, peft, device="cpu").loras
@@ -84,3 +86,26 @@ def test_codes_folders_load_as_their_full_weights(zgen, tmp_path):
     assert got.loras.keys() == want.loras.keys() and len(got.loras) == 6
     for name, lora in want.loras.items():
         assert torch.equal(got.loras[name].lora_a, lora.lora_a) and torch.equal(got.loras[name].lora_b, lora.lora_b)
+
+
+def test_an_adapters_buffers_are_reused_once_it_is_gone(zgen, tmp_path):
+    c = zgen.checkpoint.config
+    basis = codes.save_basis(tmp_path, zgen.checkpoint.hypernet)
+    for i, desc in enumerate(["Talk like a pirate.", "Be kind."]):
+        codes.save(tmp_path / str(i), zgen.codes([parse("t2l:" + desc)])[0], basis, "tiny-llama", c.alpha,
+                   c.use_rslora, {"checkpoint": zgen.id})
+
+    def ptrs(lora: LoRAModel) -> set[int]:
+        return {t.untyped_storage().data_ptr() for w in lora.loras.values() for t in (w.lora_a, w.lora_b)}
+
+    first = load(tmp_path / "0", dtype=torch.float32)
+    kept = {name: w.lora_a.clone() for name, w in first.loras.items()}
+    second = load(tmp_path / "1", dtype=torch.float32)
+    assert not ptrs(first) & ptrs(second)  # a live adapter's memory is never handed out
+    assert all(torch.equal(first.loras[name].lora_a, a) for name, a in kept.items())
+    used, free = ptrs(first), worker_load.BUFFERS.free()
+    del first
+    gc.collect()
+    assert worker_load.BUFFERS.free() == free + 4  # A and B of q_proj and v_proj
+    third = load(tmp_path / "0", dtype=torch.float32)
+    assert ptrs(third) == used and all(torch.equal(third.loras[name].lora_a, a) for name, a in kept.items())
