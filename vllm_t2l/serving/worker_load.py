@@ -11,9 +11,9 @@ errors. The folders of vLLM's filesystem resolver (the cold-miss baseline) never
 
 The tensors are views into buffers from ``Buffers``, which hands a buffer out again once the adapter
 holding it is gone (vLLM keeps an adapter in its CPU LRU until evicted, and copies it into its stacked
-slots to serve it). A miss per request then reuses the same buffers (two per target module of each adapter vLLM holds)
-instead of allocating and freeing megabytes in a new order each time, which fragmented the worker's
-heap: its memory grew with every name served (docs/benchmarks.md, "Scale").
+slots to serve it). A miss per request then reuses the same buffers (two per target module of each
+adapter vLLM holds) instead of allocating and freeing megabytes in a new order each time, which
+fragmented the worker's heap: its memory grew with every name served (docs/benchmarks.md, "Scale").
 """
 
 from __future__ import annotations
