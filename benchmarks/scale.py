@@ -8,6 +8,10 @@ adapter, vLLM loads it, and the adapter cache and vLLM's LRUs evict older ones. 
 latency and TTFT, and every ``--sample-every`` requests the resident memory of the server's processes
 (API server + engine), the adapter folders on disk and the cache's gauges; reports the slope of memory
 against names served over the last half of the run (flat: within two standard errors of zero).
+
+``--control`` then runs what a user would run instead, on a fresh server with the same flags: the same
+descriptions, each sent as a system prompt to the base model. Its slope is vLLM's own growth per request
+(no adapters involved), and the report gives both slopes and their difference, the cost of serving names.
 """
 
 from __future__ import annotations
@@ -20,10 +24,20 @@ import time
 from pathlib import Path
 
 from benchmarks import report
-from benchmarks.server import chat_messages, descriptions, http_client, keep_log, rss_by_process, stream_chat
+from benchmarks.server import (
+    base_model_name,
+    chat_messages,
+    descriptions,
+    http_client,
+    keep_log,
+    rss_by_process,
+    stream_chat,
+)
 from vllm_t2l.launch import ServerProcess
 
-QUERY = chat_messages("Name a colour.")
+QUERY = "Name a colour."
+ARMS = {"t2l": "each description as an adapter (`t2l:<description>`)",
+        "system": "each description as a system prompt to the base model"}
 
 
 def folders(root: Path) -> int:
@@ -38,9 +52,11 @@ def sample(server: ServerProcess, i: int, start: float, cache_root: Path) -> dic
             "adapters_resident": server.metric("vllm_t2l:adapters_resident")}
 
 
-async def measure(server: ServerProcess, descs: list[str], cache_root: Path, args) -> tuple[list[dict], list[dict]]:
+async def measure(server: ServerProcess, descs: list[str], cache_root: Path, args,
+                  arm: str = "t2l") -> tuple[list[dict], list[dict]]:
     """``args.concurrency`` clients take the next new description as each finishes; a memory sample every
-    ``args.sample_every`` finished requests, counted in the order they finish."""
+    ``args.sample_every`` finished requests, counted in the order they finish. ``arm``: one of ``ARMS``."""
+    base = base_model_name(server) if arm == "system" else ""
     rows, samples = [], []
     start = time.perf_counter()
     todo = iter(enumerate(descs))
@@ -51,7 +67,10 @@ async def measure(server: ServerProcess, descs: list[str], cache_root: Path, arg
         for i, desc in todo:
             if stopped:
                 return
-            t = await stream_chat(http, "t2l:" + desc, QUERY, args.max_tokens)
+            if arm == "system":
+                t = await stream_chat(http, base, chat_messages(QUERY, system=desc), args.max_tokens)
+            else:
+                t = await stream_chat(http, "t2l:" + desc, chat_messages(QUERY), args.max_tokens)
             done = len(rows)
             rows.append({"i": done, "desc": i, "latency_ms": t.latency * 1e3, "ttft_ms": t.ttft * 1e3,
                          "error": t.error})
@@ -60,8 +79,9 @@ async def measure(server: ServerProcess, descs: list[str], cache_root: Path, arg
                 samples.append(sample(server, done, start, cache_root))
             if (done + 1) % args.chunk == 0:
                 chunk = rows[-args.chunk:]
-                print(f"[{done + 1}/{len(descs)}] latency p50 {report.pct([r['latency_ms'] for r in chunk], 50):.0f}"
-                      f" ms, RSS {samples[-1]['rss_mb']:.0f} MiB, folders {samples[-1]['folders']},"
+                p50 = report.pct([r["latency_ms"] for r in chunk], 50)
+                print(f"[{arm} {done + 1}/{len(descs)}] latency p50 {p50:.0f} ms, RSS {samples[-1]['rss_mb']:.0f}"
+                      f" MiB, folders {samples[-1]['folders']},"
                       f" errors {sum(bool(r['error']) for r in chunk)}", flush=True)
 
     async with http_client(server) as http:
@@ -146,12 +166,32 @@ def markdown(s: dict, ctx: dict, flags: list[str], env: dict[str, str]) -> str:
                 + " KiB per name (standard error)."] if s.get("memory_slope_last_half_by_process") else []),
              f"- Adapter folders on disk: at most {s['folders_max']} (cache entries plus evicted folders in "
              f"their grace period); adapters resident in the cache: at most {s['adapters_resident_max']:.0f}."]
+    if "control" in s:
+        c, d = s["control"], s["difference"]
+        cm = c["memory_slope_last_half"]
+
+        def per_process(slopes: dict) -> str:
+            return ", ".join(f"{name} {one['kib_per_name']:.3f} ({one['stderr_kib_per_name']:.3f})"
+                             for name, one in slopes.items())
+        lines += ["", "## What a user would run instead", "",
+                  f"A fresh server with the same flags, the same {c['requests']} descriptions, each sent as a system "
+                  f"prompt to the base model (no adapter): **{c['errors']} errors**, RSS peak "
+                  f"{c['rss_mb']['peak']:.0f} MiB, last {c['rss_mb']['last']:.0f} MiB.", "",
+                  f"- Memory slope over the last half: **{cm['kib_per_name']:.3f} KiB per request** (standard error "
+                  f"{cm['stderr_kib_per_name']:.3f}); by process: "
+                  f"{per_process(c['memory_slope_last_half_by_process'])}.",
+                  f"- Names minus system prompts: **{d['total']['kib_per_name']:.3f} KiB per name** (standard error "
+                  f"{d['total']['stderr_kib_per_name']:.3f}): "
+                  + ("within two standard errors of zero." if d["total"]["flat"] else "**not within two standard "
+                                                                                      "errors of zero**.")
+                  + f" By process: {per_process(d['by_process'])}."]
     if s["first_errors"]:
         lines += ["", "First errors:", "", *(f"- {e}" for e in s["first_errors"])]
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], samples: list[dict], s: dict, chunk: int, path: Path) -> None:
+def plot(rows: list[dict], samples: list[dict], s: dict, chunk: int, path: Path,
+         control: list[dict] | None = None) -> None:
     plt = report.pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6.5), sharex=True)
     top.scatter([r["i"] for r in rows], [r["latency_ms"] for r in rows], s=2, alpha=0.4, label="request")
@@ -160,7 +200,11 @@ def plot(rows: list[dict], samples: list[dict], s: dict, chunk: int, path: Path)
     top.set_ylabel("latency (ms)")
     top.set_yscale("log")
     top.legend(fontsize=8)
-    bottom.plot([x["i"] for x in samples], [x["rss_mb"] for x in samples], label="server RSS (MiB)")
+    bottom.plot([x["i"] for x in samples], [x["rss_mb"] for x in samples], label="server RSS, names")
+    if control:
+        bottom.plot([x["i"] for x in control], [x["rss_mb"] for x in control], "k:",
+                    label="server RSS, the same descriptions as system prompts")
+    bottom.legend(fontsize=8, loc="upper left")
     bottom.set_ylabel("server RSS (MiB)")
     bottom.set_xlabel("request (each a new description)")
     right = bottom.twinx()
@@ -184,9 +228,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sample-every", type=int, default=10, help="requests between memory samples")
     parser.add_argument("--minutes", type=float, default=0,
                         help="stop after this many minutes and report the names served so far (0: no limit)")
+    parser.add_argument("--control", action="store_true",
+                        help="then send the same descriptions as system prompts to the base model on a fresh "
+                             "server, and report both slopes and their difference")
     parser.add_argument("--out", type=Path, default=report.RESULTS)
     parser.add_argument("server_args", nargs="*", help="extra flags for `vllm-t2l serve` (after --)")
     return parser
+
+
+def run_arm(arm: str, descs: list[str], args, flags: list[str], env: dict[str, str]) -> tuple[list, list, str]:
+    """One fresh server, every description sent once as ``arm`` says; returns rows, samples and its malloc."""
+    with tempfile.TemporaryDirectory(prefix="t2l-scale-") as tmp:
+        cache_root = Path(tmp) / "t2l"
+        server = ServerProcess([*flags, "--cache-dir", str(cache_root)], Path(tmp) / "server.log", env)
+        try:
+            with server:
+                malloc = allocator(server.pid)
+                rows, samples = asyncio.run(measure(server, descs, cache_root, args, arm))
+        finally:
+            keep_log(server, args.out, "scale" if arm == "t2l" else f"scale-{arm}")
+    return rows, samples, malloc
+
+
+def difference(s: dict, control: dict) -> dict:
+    """Names' slope minus the control's, per process too: what serving names adds to vLLM's own growth."""
+    def one(a: dict, b: dict) -> dict:
+        d, se = a["kib_per_name"] - b["kib_per_name"], (a["stderr_kib_per_name"] ** 2
+                                                         + b["stderr_kib_per_name"] ** 2) ** 0.5
+        return {"kib_per_name": d, "stderr_kib_per_name": se, "flat": abs(d) <= 2 * se}
+    by = control["memory_slope_last_half_by_process"]
+    return {"total": one(s["memory_slope_last_half"], control["memory_slope_last_half"]),
+            "by_process": {name: one(a, by[name]) for name, a in s["memory_slope_last_half_by_process"].items()
+                           if name in by}}
 
 
 def main() -> None:
@@ -194,22 +267,19 @@ def main() -> None:
     descs = descriptions(args.n)
     env = {"VLLM_T2L_CACHE_MAX_ADAPTERS": str(args.cache_max_adapters), "VLLM_T2L_CACHE_GRACE_S": str(args.grace_s)}
     flags = ["--max-cpu-loras", str(args.max_cpu_loras), *args.server_args]
-    with tempfile.TemporaryDirectory(prefix="t2l-scale-") as tmp:
-        cache_root = Path(tmp) / "t2l"
-        server = ServerProcess([*flags, "--cache-dir", str(cache_root)], Path(tmp) / "server.log", env)
-        try:
-            with server:
-                malloc = allocator(server.pid)
-                rows, samples = asyncio.run(measure(server, descs, cache_root, args))
-        finally:
-            keep_log(server, args.out, "scale")
+    rows, samples, malloc = run_arm("t2l", descs, args, flags, env)
     s = summarise(rows, samples, args.chunk)
+    data = {"samples": samples, "rows": rows}
+    if args.control:
+        c_rows, c_samples, _ = run_arm("system", descs[:len(rows)], args, flags, env)
+        s["control"] = summarise(c_rows, c_samples, args.chunk)
+        s["difference"] = difference(s, s["control"])
+        data |= {"control_samples": c_samples, "control_rows": c_rows}
     ctx = report.context("benchmarks.scale") | {"planned": args.n, "concurrency": args.concurrency,
                                                 "allocator": malloc}
     path = report.write(args.out, "scale", markdown(s, ctx, flags, env),
-                        {"context": ctx, "server_flags": flags, "env": env, "summary": s, "samples": samples,
-                         "rows": rows})
-    plot(rows, samples, s, args.chunk, args.out / "scale.png")
+                        {"context": ctx, "server_flags": flags, "env": env, "summary": s, **data})
+    plot(rows, samples, s, args.chunk, args.out / "scale.png", data.get("control_samples"))
     print(path.read_text())
 
 
