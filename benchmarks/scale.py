@@ -204,7 +204,7 @@ def plot(rows: list[dict], samples: list[dict], s: dict, chunk: int, path: Path,
     if control:
         bottom.plot([x["i"] for x in control], [x["rss_mb"] for x in control], "k:",
                     label="server RSS, the same descriptions as system prompts")
-    bottom.legend(fontsize=8, loc="upper left")
+    bottom.legend(fontsize=8, loc="lower right")
     bottom.set_ylabel("server RSS (MiB)")
     bottom.set_xlabel("request (each a new description)")
     right = bottom.twinx()
