@@ -36,8 +36,6 @@ from benchmarks.server import (
 from vllm_t2l.launch import ServerProcess
 
 QUERY = "Name a colour."
-ARMS = {"t2l": "each description as an adapter (`t2l:<description>`)",
-        "system": "each description as a system prompt to the base model"}
 
 
 def folders(root: Path) -> int:
@@ -55,7 +53,8 @@ def sample(server: ServerProcess, i: int, start: float, cache_root: Path) -> dic
 async def measure(server: ServerProcess, descs: list[str], cache_root: Path, args,
                   arm: str = "t2l") -> tuple[list[dict], list[dict]]:
     """``args.concurrency`` clients take the next new description as each finishes; a memory sample every
-    ``args.sample_every`` finished requests, counted in the order they finish. ``arm``: one of ``ARMS``."""
+    ``args.sample_every`` finished requests, counted in the order they finish. ``arm``: "t2l" sends each
+    description as an adapter (``t2l:<description>``), "system" as a system prompt to the base model."""
     base = base_model_name(server) if arm == "system" else ""
     rows, samples = [], []
     start = time.perf_counter()
