@@ -10,8 +10,8 @@ latency and TTFT, and every ``--sample-every`` requests the resident memory of t
 against names served over the last half of the run (flat: within two standard errors of zero).
 
 ``--control`` then runs what a user would run instead, on a fresh server with the same flags: the same
-descriptions, each sent as a system prompt to the base model. Its slope is vLLM's own growth per request
-(no adapters involved), and the report gives both slopes and their difference, the cost of serving names.
+descriptions, each sent as a system prompt to the base model. Its slope is the server's growth per request
+with no adapter involved, and the report gives both slopes and their difference, the cost of serving names.
 """
 
 from __future__ import annotations
