@@ -250,7 +250,7 @@ def run_arm(arm: str, descs: list[str], args, flags: list[str], env: dict[str, s
 
 
 def difference(s: dict, control: dict) -> dict:
-    """Names' slope minus the control's, per process too: what serving names adds to vLLM's own growth."""
+    """Names' slope minus the control's, per process too: what serving names adds to the growth without them."""
     def one(a: dict, b: dict) -> dict:
         d, se = a["kib_per_name"] - b["kib_per_name"], (a["stderr_kib_per_name"] ** 2
                                                          + b["stderr_kib_per_name"] ** 2) ** 0.5
