@@ -140,6 +140,12 @@ def allocator(pid: int) -> str:
     return ", ".join(f"{k}={env[k]}" for k in ("LD_PRELOAD", "MALLOC_ARENA_MAX") if env.get(k)) or "glibc defaults"
 
 
+def per_process(slopes: dict) -> str:
+    """``name slope (standard error)`` for each process, comma-separated."""
+    return ", ".join(f"{name} {one['kib_per_name']:.3f} ({one['stderr_kib_per_name']:.3f})"
+                     for name, one in slopes.items())
+
+
 def markdown(s: dict, ctx: dict, flags: list[str], env: dict[str, str]) -> str:
     rss, m = s["rss_mb"], s["memory_slope_last_half"]
     lines = ["# Scale: distinct descriptions, each a cache miss", "",
@@ -160,18 +166,13 @@ def markdown(s: dict, ctx: dict, flags: list[str], env: dict[str, str]) -> str:
              f"- Memory slope over the last half (names {m.get('from_name', 0)}-{s['requests']}, {m['samples']} "
              f"samples): **{m['kib_per_name']:.3f} KiB per name** (standard error {m['stderr_kib_per_name']:.3f}); "
              + ("flat: within two standard errors of zero." if m["flat"] else "**not flat**."),
-             *(["- By process: " + ", ".join(f"{name} {one['kib_per_name']:.3f} ({one['stderr_kib_per_name']:.3f})"
-                                              for name, one in s["memory_slope_last_half_by_process"].items())
+             *(["- By process: " + per_process(s["memory_slope_last_half_by_process"])
                 + " KiB per name (standard error)."] if s.get("memory_slope_last_half_by_process") else []),
              f"- Adapter folders on disk: at most {s['folders_max']} (cache entries plus evicted folders in "
              f"their grace period); adapters resident in the cache: at most {s['adapters_resident_max']:.0f}."]
     if "control" in s:
         c, d = s["control"], s["difference"]
         cm = c["memory_slope_last_half"]
-
-        def per_process(slopes: dict) -> str:
-            return ", ".join(f"{name} {one['kib_per_name']:.3f} ({one['stderr_kib_per_name']:.3f})"
-                             for name, one in slopes.items())
         lines += ["", "## What a user would run instead", "",
                   f"A fresh server with the same flags, the same {c['requests']} descriptions, each sent as a system "
                   f"prompt to the base model (no adapter): **{c['errors']} errors**, RSS peak "
