@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--descriptions", type=int, default=0, help="use the first N descriptions (0: all)")
     parser.add_argument("--parallel", type=int, default=16, help="requests in flight")
     parser.add_argument("--out", type=Path, default=report.RESULTS / "follow")
+    parser.add_argument("--teacher-from", metavar="JSON", type=Path,
+                        help="take the teacher's answers from an earlier follow.json of the same descriptions, "
+                             "queries, --max-tokens and --guidance (they do not depend on the checkpoint)")
     parser.add_argument("--report", metavar="JSON", help="only rewrite the table and plot from a follow.json")
     return parser
 
@@ -144,6 +147,13 @@ def main() -> None:
     check_unseen([d["description"] for d in descs])
     queries = spread([q["text"] for q in data.load_queries() if q["split"] != "train"], args.queries)
     strengths = sorted({float(s) for s in args.strengths.split(",")} | {args.recommended})
+    teacher = None
+    if args.teacher_from:
+        try:
+            teacher = earlier_teacher(json.loads(args.teacher_from.read_text()), descs, queries, args.max_tokens,
+                                      args.guidance)
+        except (OSError, ValueError, KeyError) as e:
+            parser.error(f"--teacher-from {args.teacher_from}: {e}")
     conditions = ["system prompt", "teacher", *[f"strength {s:g}" for s in strengths]]
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -168,7 +178,9 @@ def main() -> None:
     t0 = time.time()
     student = Student(prepare_default_model(), ())
     tok = student.tokenizer
-    pairs = [(d["description"], q) for d in descs for q in queries]
+    pairs = [(d["description"], q) for d in descs for q in queries] if teacher is None else []
+    for d, got in (teacher or {}).items():
+        answers[d]["teacher"] = got
     for start in range(0, len(pairs), 32):
         chunk = pairs[start:start + 32]
         outs = student.generate([student.prompt_ids(q, system=d) for d, q in chunk], args.max_tokens,
@@ -221,6 +233,18 @@ def main() -> None:
               "seconds": {"served": t_served, "teacher": t_teacher, "perplexity": t_ppl,
                           "total": time.time() - started}, **report.context("benchmarks.follow")}
     write_report(result, args.out)
+
+
+def earlier_teacher(old: dict, descs: list[dict], queries: list[str], max_tokens: int,
+                    guidance: float) -> dict[str, list[str]]:
+    """The teacher's answers of an earlier run (its follow.json), which must have asked the same: they do not depend
+    on the checkpoint, and making them is most of a run's time."""
+    if (old["queries"], old["max_tokens"], old["guidance"]) != (queries, max_tokens, guidance):
+        raise ValueError("it was run with other queries, --max-tokens or --guidance")
+    missing = [d["description"] for d in descs if d["description"] not in old["answers"]]
+    if missing:
+        raise ValueError(f"it lacks {len(missing)} of the descriptions, such as {missing[0]!r}")
+    return {d["description"]: old["answers"][d["description"]]["teacher"] for d in descs}
 
 
 def bars(result: dict) -> dict:

@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.control import check_unseen
-from benchmarks.follow import MEASURES, adapter_name, bars, load_descriptions, repetition, summarise, write_report
+from benchmarks.follow import (
+    MEASURES,
+    adapter_name,
+    bars,
+    earlier_teacher,
+    load_descriptions,
+    repetition,
+    summarise,
+    write_report,
+)
 
 
 def test_descriptions_are_many_varied_and_unseen_in_training():
@@ -69,3 +78,17 @@ def test_report_shows_each_behaviour_and_the_mean_shift(tmp_path):
                   "strengths": [1.0], "seconds": {}}, tmp_path)
     md = (tmp_path / "follow.md").read_text()
     assert "| brevity | 2 | 0% | 100% | 50% |" in md and "| pirate | 1 | 0% | 100% | 100% |" in md
+
+
+def test_teacher_answers_are_reused_only_from_a_run_that_asked_the_same():
+    descs = [{"description": "Be brief."}, {"description": "Shout."}]
+    old = {"queries": ["q1", "q2"], "max_tokens": 80, "guidance": 2.0,
+           "answers": {d["description"]: {"teacher": [d["description"] + " a1", "a2"], "strength 2": ["x", "y"]}
+                       for d in descs}}
+    assert earlier_teacher(old, descs, ["q1", "q2"], 80, 2.0) == {"Be brief.": ["Be brief. a1", "a2"],
+                                                                    "Shout.": ["Shout. a1", "a2"]}
+    for queries, tokens, g in ((["q1"], 80, 2.0), (["q1", "q2"], 200, 2.0), (["q1", "q2"], 80, 3.0)):
+        with pytest.raises(ValueError, match="other queries, --max-tokens or --guidance"):
+            earlier_teacher(old, descs, queries, tokens, g)
+    with pytest.raises(ValueError, match="lacks 1 of the descriptions, such as 'Be calm.'"):
+        earlier_teacher(old, [*descs, {"description": "Be calm."}], ["q1", "q2"], 80, 2.0)
