@@ -12,6 +12,8 @@ against names served over the last half of the run (flat: within two standard er
 ``--control`` then runs what a user would run instead, on a fresh server with the same flags: the same
 descriptions, each sent as a system prompt to the base model. Its slope is the server's growth per request
 with no adapter involved, and the report gives both slopes and their difference, the cost of serving names.
+``--plain`` runs the same system prompts through plain vLLM (no plugin, no LoRA, the same malloc): the growth
+that is vLLM's own.
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ from benchmarks.server import (
     descriptions,
     http_client,
     keep_log,
+    plain_server,
     rss_by_process,
     stream_chat,
 )
 from vllm_t2l.launch import ServerProcess
+from vllm_t2l.models import prepare_default_model
 
 QUERY = "Name a colour."
 
@@ -43,19 +47,19 @@ def folders(root: Path) -> int:
     return sum("adapter_config.json" in files for _, _, files in os.walk(root))
 
 
-def sample(server: ServerProcess, i: int, start: float, cache_root: Path) -> dict:
+def sample(server: ServerProcess, i: int, start: float, cache_root: Path, arm: str = "t2l") -> dict:
     by_process = {name: rss / 2**20 for name, rss in rss_by_process(server.pid).items()}
     return {"i": i, "t_s": time.perf_counter() - start, "rss_mb": sum(by_process.values()),
             "rss_mb_by_process": by_process, "folders": folders(cache_root),
-            "adapters_resident": server.metric("vllm_t2l:adapters_resident")}
+            "adapters_resident": 0.0 if arm == "plain" else server.metric("vllm_t2l:adapters_resident")}
 
 
 async def measure(server: ServerProcess, descs: list[str], cache_root: Path, args,
                   arm: str = "t2l") -> tuple[list[dict], list[dict]]:
     """``args.concurrency`` clients take the next new description as each finishes; a memory sample every
     ``args.sample_every`` finished requests, counted in the order they finish. ``arm``: "t2l" sends each
-    description as an adapter (``t2l:<description>``), "system" as a system prompt to the base model."""
-    base = base_model_name(server) if arm == "system" else ""
+    description as an adapter (``t2l:<description>``), "system" and "plain" as a system prompt to the base model."""
+    base = base_model_name(server) if arm != "t2l" else ""
     rows, samples = [], []
     start = time.perf_counter()
     todo = iter(enumerate(descs))
@@ -66,7 +70,7 @@ async def measure(server: ServerProcess, descs: list[str], cache_root: Path, arg
         for i, desc in todo:
             if stopped:
                 return
-            if arm == "system":
+            if arm != "t2l":
                 t = await stream_chat(http, base, chat_messages(QUERY, system=desc), args.max_tokens)
             else:
                 t = await stream_chat(http, "t2l:" + desc, chat_messages(QUERY), args.max_tokens)
@@ -75,7 +79,7 @@ async def measure(server: ServerProcess, descs: list[str], cache_root: Path, arg
                          "error": t.error})
             stopped = stopped or bool(args.minutes and time.perf_counter() - start > args.minutes * 60)
             if done % args.sample_every == 0 or done == len(descs) - 1 or stopped:
-                samples.append(sample(server, done, start, cache_root))
+                samples.append(sample(server, done, start, cache_root, arm))
             if (done + 1) % args.chunk == 0:
                 chunk = rows[-args.chunk:]
                 p50 = report.pct([r["latency_ms"] for r in chunk], 50)
@@ -185,13 +189,28 @@ def markdown(s: dict, ctx: dict, flags: list[str], env: dict[str, str]) -> str:
                   + ("within two standard errors of zero." if d["total"]["flat"] else "**not within two standard "
                                                                                       "errors of zero**.")
                   + f" By process: {per_process(d['by_process'])}."]
+    if "plain" in s:
+        p, pm = s["plain"], s["plain"]["memory_slope_last_half"]
+        lines += ["", "## Plain vLLM", "",
+                  f"Plain vLLM (no plugin, no LoRA; malloc: {p['allocator']}), the same {p['requests']} descriptions "
+                  f"as system prompts: **{p['errors']} errors**, RSS peak {p['rss_mb']['peak']:.0f} MiB, last "
+                  f"{p['rss_mb']['last']:.0f} MiB.", "",
+                  f"- Memory slope over the last half: **{pm['kib_per_name']:.3f} KiB per request** (standard error "
+                  f"{pm['stderr_kib_per_name']:.3f}); by process: "
+                  f"{per_process(p['memory_slope_last_half_by_process'])}.",
+                  *(f"- {label} minus plain vLLM: **{d['total']['kib_per_name']:.3f} KiB per request** (standard "
+                    f"error {d['total']['stderr_kib_per_name']:.3f}): "
+                    + ("within two standard errors of zero." if d["total"]["flat"] else
+                       "**not within two standard errors of zero**.")
+                    for label, d in (("Names", s["over_plain"].get("names")),
+                                     ("System prompts on this server", s["over_plain"].get("system"))) if d)]
     if s["first_errors"]:
         lines += ["", "First errors:", "", *(f"- {e}" for e in s["first_errors"])]
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], samples: list[dict], s: dict, chunk: int, path: Path,
-         control: list[dict] | None = None) -> None:
+         control: list[dict] | None = None, plain: list[dict] | None = None) -> None:
     plt = report.pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6.5), sharex=True)
     top.scatter([r["i"] for r in rows], [r["latency_ms"] for r in rows], s=2, alpha=0.4, label="request")
@@ -204,6 +223,9 @@ def plot(rows: list[dict], samples: list[dict], s: dict, chunk: int, path: Path,
     if control:
         bottom.plot([x["i"] for x in control], [x["rss_mb"] for x in control], "k:",
                     label="server RSS, the same descriptions as system prompts")
+    if plain:
+        bottom.plot([x["i"] for x in plain], [x["rss_mb"] for x in plain], "m-.",
+                    label="plain vLLM RSS, the same descriptions as system prompts")
     bottom.legend(fontsize=8, loc="lower right")
     bottom.set_ylabel("server RSS (MiB)")
     bottom.set_xlabel("request (each a new description)")
@@ -231,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--control", action="store_true",
                         help="then send the same descriptions as system prompts to the base model on a fresh "
                              "server, and report both slopes and their difference")
+    parser.add_argument("--plain", action="store_true",
+                        help="then send the same descriptions as system prompts to plain vLLM (no plugin, no LoRA, "
+                             "the same malloc), and report its slope and the others' differences from it")
     parser.add_argument("--out", type=Path, default=report.RESULTS)
     parser.add_argument("server_args", nargs="*", help="extra flags for `vllm-t2l serve` (after --)")
     return parser
@@ -240,7 +265,11 @@ def run_arm(arm: str, descs: list[str], args, flags: list[str], env: dict[str, s
     """One fresh server, every description sent once as ``arm`` says; returns rows, samples and its malloc."""
     with tempfile.TemporaryDirectory(prefix="t2l-scale-") as tmp:
         cache_root = Path(tmp) / "t2l"
-        server = ServerProcess([*flags, "--cache-dir", str(cache_root)], Path(tmp) / "server.log", env)
+        if arm == "plain":
+            server = plain_server(prepare_default_model(), Path(tmp) / "server.log")
+            server.env |= same_malloc()
+        else:
+            server = ServerProcess([*flags, "--cache-dir", str(cache_root)], Path(tmp) / "server.log", env)
         try:
             with server:
                 malloc = allocator(server.pid)
@@ -248,6 +277,14 @@ def run_arm(arm: str, descs: list[str], args, flags: list[str], env: dict[str, s
         finally:
             keep_log(server, args.out, "scale" if arm == "t2l" else f"scale-{arm}")
     return rows, samples, malloc
+
+
+def same_malloc() -> dict[str, str]:
+    """The malloc settings `vllm-t2l serve` starts vLLM with, for plain vLLM: a slope depends on the allocator."""
+    from vllm_t2l.cli import serve_command
+
+    env = serve_command([], None, None, None)[1]
+    return {k: env[k] for k in ("LD_PRELOAD", "MALLOC_ARENA_MAX") if env.get(k)}
 
 
 def difference(s: dict, control: dict) -> dict:
@@ -275,11 +312,17 @@ def main() -> None:
         s["control"] = summarise(c_rows, c_samples, args.chunk)
         s["difference"] = difference(s, s["control"])
         data |= {"control_samples": c_samples, "control_rows": c_rows}
+    if args.plain:
+        p_rows, p_samples, p_malloc = run_arm("plain", descs[:len(rows)], args, flags, env)
+        s["plain"] = summarise(p_rows, p_samples, args.chunk) | {"allocator": p_malloc}
+        s["over_plain"] = {arm: difference(one, s["plain"]) for arm, one in (("names", s), ("system", s.get("control")))
+                           if one}
+        data |= {"plain_samples": p_samples, "plain_rows": p_rows}
     ctx = report.context("benchmarks.scale") | {"planned": args.n, "concurrency": args.concurrency,
                                                 "allocator": malloc}
     path = report.write(args.out, "scale", markdown(s, ctx, flags, env),
                         {"context": ctx, "server_flags": flags, "env": env, "summary": s, **data})
-    plot(rows, samples, s, args.chunk, args.out / "scale.png", data.get("control_samples"))
+    plot(rows, samples, s, args.chunk, args.out / "scale.png", data.get("control_samples"), data.get("plain_samples"))
     print(path.read_text())
 
 

@@ -54,3 +54,21 @@ def test_the_report_gives_the_control_and_the_difference():
     assert "## What a user would run instead" in text
     assert f"**{s['difference']['total']['kib_per_name']:.3f} KiB per name**" in text
     assert "not within two standard errors of zero" in text
+
+
+def test_the_report_gives_plain_vllm_and_each_arm_over_it():
+    s = summary(0.8, seed=1)
+    s["control"] = summary(0.5, seed=2)
+    s["difference"] = difference(s, s["control"])
+    s["plain"] = summary(0.5, seed=3) | {"allocator": "glibc defaults"}
+    s["over_plain"] = {"names": difference(s, s["plain"]), "system": difference(s["control"], s["plain"])}
+    ctx = {"command": "python -m benchmarks.scale --plain", "date": "2026-12-07", "cpus": 2,
+           "load_average_at_end": 2.0, "concurrency": 4, "allocator": "glibc defaults", "planned": 400}
+    text = markdown(s, ctx, [], {})
+    assert "## Plain vLLM" in text
+    names, system = text.split("- Names minus plain vLLM: ")[1], text.split("- System prompts on this server minus "
+                                                                              "plain vLLM: ")[1]
+    assert names.startswith(f"**{s['over_plain']['names']['total']['kib_per_name']:.3f} KiB per request**")
+    assert "not within two standard errors" in names.splitlines()[0]
+    assert "within two standard errors of zero." in system.splitlines()[0]
+    assert "not within" not in system.splitlines()[0]
