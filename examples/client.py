@@ -7,9 +7,10 @@ same question.
 
 import argparse
 import json
+import sys
 import urllib.request
 
-from openai import OpenAI
+from openai import APIConnectionError, OpenAI
 
 DESCRIPTIONS = [
     "Talk like a pirate in every answer.",
@@ -44,7 +45,11 @@ def main() -> None:
     args = parser.parse_args()
     client = OpenAI(base_url=args.base_url, api_key="none")
     strength = args.strength or recommended_strength(args.base_url)
-    base = client.models.list().data[0].id
+    try:
+        base = client.models.list().data[0].id
+    except APIConnectionError:
+        sys.exit(f"no server answers at {args.base_url}: start one with `vllm-t2l serve` and wait for "
+                 "'Application startup complete'")
     print(f"question: {args.question}\n\nbase model:\n  {ask(client, base, args.question)}\n")
     for description in DESCRIPTIONS:
         print(f"=== {description}")

@@ -182,3 +182,17 @@ def test_example_client_shows_each_description_four_ways(server):
                          capture_output=True, text=True, timeout=600).stdout
     assert out.count("system prompt:") == out.count("t2l:  (strength 1)") == out.count("=== ") == 4
     assert "base model:" in out and "t2l[strength=2]:" in out  # the default recommends 2 (or 1: then 2 is shown)
+
+
+def test_example_client_without_a_server_says_so_in_one_line():
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = Path(__file__).parents[2] / "examples" / "client.py"
+    done = subprocess.run([sys.executable, str(script), "--base-url", f"http://127.0.0.1:{port}/v1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [f"no server answers at http://127.0.0.1:{port}/v1: start one with "
+                                                "`vllm-t2l serve` and wait for 'Application startup complete'"]
