@@ -202,26 +202,3 @@ def test_pole_weights_name_a_known_pole_and_a_finite_weight():
                       ("dial-short=lots", "finite")]:
         with pytest.raises(ValueError, match=says):
             dials.pole_weights((bad,), poles)
-
-
-def test_long_target_goes_on_where_the_base_model_would_stop():
-    ids = list(range(100, 140))
-    assert dials.longer(ids, [], 32) == (ids[:32], [False] * 32)
-    cut, forced = dials.longer(ids, [10, 14, 30], 32)
-    assert cut == ids[:10 + dials.LONG_TAIL]
-    assert [j for j, f in enumerate(forced) if f] == [10, 14]
-
-
-def test_long_samples_force_only_the_decisions_to_go_on(student):
-    eos = student.tokenizer.eos_token_id
-    pole = next(p for p in load_dials() if p["style"] == "long")
-    query = {"text": "What is the capital of France?"}
-    base = student.tokenizer(ANSWERS[0], add_special_tokens=False)["input_ids"]
-    unended = base + student.tokenizer(" " + ANSWERS[2], add_special_tokens=False)["input_ids"]
-    stop = len(base)
-    (long,) = dials.samples(student, [(pole, pole["descriptions"][0], query)], {query["text"]: base + [eos]},
-                            seed=0, top_k=4, unended={query["text"]: (unended, [stop])})
-    assert long.response == unended[:stop + dials.LONG_TAIL] and eos not in long.response
-    forced = dials.token_weights(long.top_logp, 8.0) == 8.0
-    assert forced.nonzero().flatten().tolist() == [stop]
-    assert long.top_ids[stop, 0] == unended[stop]

@@ -231,25 +231,6 @@ def pole_weights(entries: tuple[str, ...], poles: list[dict]) -> dict[str, float
     return out
 
 
-LONG_TOKENS = 256  # how far the base model answers, never stopping, for the "long" pole
-LONG_TAIL = 8  # tokens kept past the first place it would have stopped
-
-
-def longer(ids: list[int], stops: list[int], budget: int) -> tuple[list[int], list[bool]]:
-    """The "long" target from the base model's answer made with its end banned (``ids``) and the positions where
-    its own top choice was to end (``stops``): the answer up to a few tokens past its first such place, forced
-    (one-hot) where it would have ended, so that only the decisions to go on are taught. Without such a place,
-    the first ``budget`` tokens and nothing forced: the answer was not over yet.
-
-    Rewriting text cannot make an answer longer, and a target cut at the training budget never reaches the place
-    where the model stops, so before this the "long" pole taught nothing about length.
-    """
-    if not stops:
-        return ids[:budget], [False] * min(budget, len(ids))
-    cut = ids[:stops[0] + LONG_TAIL]
-    return cut, [j in stops for j in range(len(cut))]
-
-
 def rule_made(base: str, text: str) -> list[bool]:
     """Per character of ``text``: True where a rule wrote it (opener, swapped word, closer), False where it is the
     base answer's own text or a space, so a token like " The" after an opener is still the answer's."""
@@ -261,28 +242,20 @@ def rule_made(base: str, text: str) -> list[bool]:
 
 @torch.no_grad()
 def samples(student: Student, triples: list[tuple[dict, str, dict]], answers: dict[str, list[int]], seed: int,
-            top_k: int = 16, batch_size: int = 16,
-            unended: dict[str, tuple[list[int], list[int]]] | None = None) -> list[Sample]:
+            top_k: int = 16, batch_size: int = 16) -> list[Sample]:
     """Training samples whose tokens are taught two ways: where a rule wrote the token (and the final EOS), a
     one-hot row, so the KL is the cross-entropy of that token; elsewhere the teacher's top-k, the base model with
     the pole's wording as its system prompt, exactly as every distilled answer is taught. Only what the rule adds
     is forced, so the body of a dial answer does not pull adapters back towards the no-prompt base model.
 
-    ``answers`` maps each query to the base model's answer token ids (eos included when it stopped); ``unended``
-    maps the queries of "long" poles to the answer made with its end banned and where it would have ended
-    (``longer``). ``student`` must have no adapters installed: its plain forward pass is the teacher.
+    ``answers`` maps each query to the base model's answer token ids (eos included when it stopped). ``student``
+    must have no adapters installed: its plain forward pass is the teacher.
     """
     rng = random.Random(seed)
     tok, eos = student.tokenizer, student.tokenizer.eos_token_id
     out, ruled = [], []
     for pole, desc, q in triples:
         ids = answers[q["text"]]
-        if pole["style"] == "long" and unended and q["text"] in unended:
-            response, forced = longer(*unended[q["text"]], len(ids))
-            ruled.append(torch.tensor(forced, dtype=torch.bool))
-            out.append(Sample(pole["id"], desc, q["text"], student.prompt_ids(q["text"]), response,
-                              torch.zeros(0), torch.zeros(0)))
-            continue
         base = tok.decode(ids, skip_special_tokens=True).strip()
         text, stop = target(pole["style"], base, bool(ids) and ids[-1] == eos, rng, param(pole, desc))
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -305,19 +278,9 @@ def samples(student: Student, triples: list[tuple[dict, str, dict]], answers: di
 
 def build(student: Student, model_dir: str | Path, triples: list[tuple[dict, str, dict]], max_new_tokens: int,
           seed: int, top_k: int) -> list[Sample]:
-    """The base model answers every query once (vLLM's offline engine, no system prompt), and the "long" poles'
-    queries once more with its end banned; rules do the rest."""
+    """The base model answers every query once (vLLM's offline engine, no system prompt); rules do the rest."""
     from vllm_t2l.serving.offline import answer
 
-    def chats(texts: list[str]) -> list[list[dict]]:
-        return [[{"role": "user", "content": q}] for q in texts]
-
     queries = sorted({q["text"] for _, _, q in triples})
-    base = answer(model_dir, chats(queries), max_new_tokens, 1)
-    long = sorted({q["text"] for p, _, q in triples if p["style"] == "long"})
-    eos = student.tokenizer.eos_token_id
-    unended = {q: (a.token_ids, [j for j, t in enumerate(a.top_ids[:, 0].tolist()) if t == eos])
-               for q, a in zip(long, answer(model_dir, chats(long), LONG_TOKENS, 1, min_tokens=LONG_TOKENS)
-                               if long else [])}
-    return samples(student, triples, {q: a.token_ids for q, a in zip(queries, base)}, seed, top_k,
-                   unended=unended)
+    base = answer(model_dir, [[{"role": "user", "content": q}] for q in queries], max_new_tokens, 1)
+    return samples(student, triples, {q: a.token_ids for q, a in zip(queries, base)}, seed, top_k)
