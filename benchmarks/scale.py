@@ -40,6 +40,7 @@ from vllm_t2l.launch import ServerProcess
 from vllm_t2l.models import prepare_default_model
 
 QUERY = "Name a colour."
+MALLOC_VARS = ("LD_PRELOAD", "MALLOC_ARENA_MAX")
 
 
 def folders(root: Path) -> int:
@@ -141,13 +142,18 @@ def allocator(pid: int) -> str:
     import psutil
 
     env = psutil.Process(pid).environ()
-    return ", ".join(f"{k}={env[k]}" for k in ("LD_PRELOAD", "MALLOC_ARENA_MAX") if env.get(k)) or "glibc defaults"
+    return ", ".join(f"{k}={env[k]}" for k in MALLOC_VARS if env.get(k)) or "glibc defaults"
 
 
 def per_process(slopes: dict) -> str:
     """``name slope (standard error)`` for each process, comma-separated."""
     return ", ".join(f"{name} {one['kib_per_name']:.3f} ({one['stderr_kib_per_name']:.3f})"
                      for name, one in slopes.items())
+
+
+def within(d: dict) -> str:
+    """The two-standard-error verdict on a difference of slopes."""
+    return "within two standard errors of zero." if d["flat"] else "**not within two standard errors of zero**."
 
 
 def markdown(s: dict, ctx: dict, flags: list[str], env: dict[str, str]) -> str:
@@ -186,9 +192,7 @@ def markdown(s: dict, ctx: dict, flags: list[str], env: dict[str, str]) -> str:
                   f"{per_process(c['memory_slope_last_half_by_process'])}.",
                   f"- Names minus system prompts: **{d['total']['kib_per_name']:.3f} KiB per name** (standard error "
                   f"{d['total']['stderr_kib_per_name']:.3f}): "
-                  + ("within two standard errors of zero." if d["total"]["flat"] else "**not within two standard "
-                                                                                      "errors of zero**.")
-                  + f" By process: {per_process(d['by_process'])}."]
+                  + within(d["total"]) + f" By process: {per_process(d['by_process'])}."]
     if "plain" in s:
         p, pm = s["plain"], s["plain"]["memory_slope_last_half"]
         lines += ["", "## Plain vLLM", "",
@@ -199,9 +203,7 @@ def markdown(s: dict, ctx: dict, flags: list[str], env: dict[str, str]) -> str:
                   f"{pm['stderr_kib_per_name']:.3f}); by process: "
                   f"{per_process(p['memory_slope_last_half_by_process'])}.",
                   *(f"- {label} minus plain vLLM: **{d['total']['kib_per_name']:.3f} KiB per request** (standard "
-                    f"error {d['total']['stderr_kib_per_name']:.3f}): "
-                    + ("within two standard errors of zero." if d["total"]["flat"] else
-                       "**not within two standard errors of zero**.")
+                    f"error {d['total']['stderr_kib_per_name']:.3f}): " + within(d["total"])
                     for label, d in (("Names", s["over_plain"].get("names")),
                                      ("System prompts on this server", s["over_plain"].get("system"))) if d)]
     if s["first_errors"]:
@@ -284,7 +286,7 @@ def same_malloc() -> dict[str, str]:
     from vllm_t2l.cli import serve_command
 
     env = serve_command([], None, None, None)[1]
-    return {k: env[k] for k in ("LD_PRELOAD", "MALLOC_ARENA_MAX") if env.get(k)}
+    return {k: env[k] for k in MALLOC_VARS if env.get(k)}
 
 
 def difference(s: dict, control: dict) -> dict:
