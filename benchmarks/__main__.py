@@ -47,6 +47,8 @@ BENCHMARKS = [
     Bench("cold_miss", ["--descriptions", "3"]),
     Bench("cold_miss_minilm", ["--descriptions", "3"], "cold-miss-minilm", module="cold_miss",
           flags=("--checkpoint", _shown(MINILM_CHECKPOINT))),
+    Bench("cold_miss_strength2", ["--descriptions", "3"], "cold-miss-strength2", module="cold_miss",
+          flags=("--strength", "2")),  # the default's recommended strength: its follow network runs too
     Bench("throughput", ["--k", "1,4", "--min-requests", "4", "--rounds", "1", "--max-tokens", "16"]),
     Bench("decode_step", ["--rounds", "1", "--tokens", "16"]),
     Bench("lora_cost", None, long=True),  # six servers
@@ -101,7 +103,8 @@ def _bars(out: Path) -> list[tuple[str, str, str, str]]:
             continue
         rows.append((f"embed + hypernetwork ({which}), one description, CPU: p50 <= 15 ms", f"{one['p50']:.1f} ms",
                      verdict(one["p50"] <= 15), "hypernet_speed.md"))
-    for folder, which in ((".", "default, static-embedder checkpoint"), ("cold-miss-minilm", "MiniLM checkpoint")):
+    for folder, which in ((".", "default, static-embedder checkpoint"), ("cold-miss-minilm", "MiniLM checkpoint"),
+                          ("cold-miss-strength2", "default at strength 2")):
         if c := _load(out / folder, "cold_miss"):
             r = c["summary_ms"]["ratio_p50"]
             rows.append((f"cold miss ({which}): extra over warm <= 1.2x the filesystem resolver's", f"{r:.2f}x (p50)",

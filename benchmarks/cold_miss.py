@@ -1,7 +1,7 @@
 """Cold miss: time to first token (TTFT) for never-seen descriptions, by stage, against the same adapters
 loaded from disk by vLLM's filesystem resolver, and against warm requests.
 
-    python -m benchmarks.cold_miss [--descriptions 60] [--max-tokens 4] [--out benchmarks/results]
+    python -m benchmarks.cold_miss [--descriptions 60] [--max-tokens 4] [--strength 1] [--out benchmarks/results]
 
 One `vllm-t2l serve` process runs both resolvers: ours for `t2l:<description>` and vLLM's own filesystem
 resolver (plugin `lora_filesystem_resolver`, folder VLLM_LORA_RESOLVER_CACHE_DIR) for `fs-<i>`, whose folders
@@ -11,6 +11,8 @@ request of one kind, then of the other (the order alternates), then a base-model
 off, so a warm request gains nothing from its cold twin except the loaded adapter. The server's
 `vllm_t2l:stage_seconds` histogram gives the embedding, hypernetwork and write (hand-off) time of each miss;
 the rest of its TTFT is vLLM's load of the folder, the first token, and the hop between threads.
+With ``--strength S`` both kinds serve the adapter at that strength (``t2l[strength=S]:``, and folders written
+at S): above 1 the default also runs its follow network and serves twice the rank.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from benchmarks import report
 from benchmarks.server import (
     STAGES,
+    adapter_name,
     base_model_name,
     chat_messages,
     checked,
@@ -40,7 +43,7 @@ QUERY = chat_messages("What is the capital of France?")
 KINDS = {"t2l": "t2l: cold (generate, then vLLM load)", "fs": "filesystem resolver: cold (vLLM load)"}
 
 
-async def measure(server: ServerProcess, descs: list[str], max_tokens: int) -> list[dict]:
+async def measure(server: ServerProcess, descs: list[str], max_tokens: int, strength: float) -> list[dict]:
     base = base_model_name(server)
     rows = []
     async with http_client(server) as http:
@@ -49,7 +52,7 @@ async def measure(server: ServerProcess, descs: list[str], max_tokens: int) -> l
 
         for i, desc in enumerate(descs):
             row: dict = {"description": desc}
-            kinds = [("t2l", "t2l:" + desc), ("fs", f"fs-{i}")]
+            kinds = [("t2l", adapter_name(desc, strength)), ("fs", f"fs-{i}")]
             for kind, name in kinds if i % 2 == 0 else kinds[::-1]:
                 before = t2l_counters(server)
                 row[f"{kind}_cold"] = await ttft(name)
@@ -79,15 +82,15 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
-def markdown(s: dict, ctx: dict, n: int, flags: list[str]) -> str:
+def markdown(s: dict, ctx: dict, n: int, flags: list[str], strength: float = 1.0) -> str:
     def row(label: str, key: str, extra: str | None) -> list:
         e = s[extra] if extra else {"p50": "", "p95": ""}
         return [label, s[key]["p50"], s[key]["p95"], e["p50"], e["p95"]]
 
     lines = ["# Cold miss: time to first token", "",
              f"`{ctx['command']}` ({ctx['date']}, {ctx['cpus']} CPUs, load average {ctx['load_average_at_end']} "
-             f"at the end). {n} never-seen descriptions, one request at a time; server flags: "
-             f"`{' '.join(flags)}`. Times in ms.", "",
+             f"at the end). {n} never-seen descriptions at strength {strength:g}, one request at a time; server "
+             f"flags: `{' '.join(flags)}`. Times in ms.", "",
              *report.table(["request", "TTFT p50", "TTFT p95", "extra over warm p50", "extra over warm p95"], [
                  row(KINDS["t2l"], "t2l_cold", "t2l_extra"), row(KINDS["fs"], "fs_cold", "fs_extra"),
                  row("t2l: warm (same name again)", "t2l_warm", None),
@@ -140,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--out", type=Path, default=report.RESULTS)
     parser.add_argument("--checkpoint", help="serve this checkpoint (default: the embedded one)")
+    parser.add_argument("--strength", type=float, default=1.0, help="serve every adapter at this strength")
     parser.add_argument("server_args", nargs="*", help="extra flags for `vllm-t2l serve` (after --)")
     return parser
 
@@ -159,15 +163,16 @@ def main() -> None:
                 # the filesystem resolver only accepts folders written for the served model's name; plain PEFT
                 # folders, as a user would bring them, so vLLM's own loader reads them
                 write_adapters({f"fs-{i}": d for i, d in enumerate(descs)}, fs_root, base_model_name(server),
-                               checkpoint=args.checkpoint, sidecar=False)
-                rows = asyncio.run(measure(server, descs, args.max_tokens))
+                               checkpoint=args.checkpoint, sidecar=False, strength=args.strength)
+                rows = asyncio.run(measure(server, descs, args.max_tokens, args.strength))
         finally:
             keep_log(server, args.out, "cold_miss")
     s = summarise(rows)
     shown_flags = ["--no-enable-prefix-caching", *ours, *args.server_args]
     ctx = report.context("benchmarks.cold_miss")
-    path = report.write(args.out, "cold_miss", markdown(s, ctx, len(rows), shown_flags),
-                        {"context": ctx, "server_flags": shown_flags, "summary_ms": s, "rows_s": rows})
+    path = report.write(args.out, "cold_miss", markdown(s, ctx, len(rows), shown_flags, args.strength),
+                        {"context": ctx, "server_flags": shown_flags, "strength": args.strength, "summary_ms": s,
+                         "rows_s": rows})
     plot(rows, s, args.out / "cold_miss.png")
     print(path.read_text())
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from benchmarks.report import context
 from vllm_t2l.generator import Generator
 from vllm_t2l.lora import LoRAWeights
 from vllm_t2l.models import DEFAULT_CHECKPOINT, prepare_default_model
@@ -234,6 +235,7 @@ def main() -> None:
     }
     result["seconds"] = {"adapters": t_adapters, "vllm_answers": t_vllm, "perplexity": t_ppl,
                          "total": time.time() - started}
+    result["context"] = context("benchmarks.control")
     report(result, Path(args.out))
 
 
@@ -286,8 +288,9 @@ def write_report(result: dict, pairs: list[Pair], out: Path) -> None:
     temp, samples = result.get("temperature", 0.0), result.get("samples", 1)
     how = ("greedy" if temp == 0 else f"{samples} answers each, sampled at temperature {temp:g} with seeds shared "
            "by every w (common random numbers)")
+    made = f"`{result['context']['command']}` ({result['context']['date']}). " if "context" in result else ""
     lines = [f"# Control curves ({ck['arch']} checkpoint {ck['id'][:12]})", "",
-             f"{len(result['queries'])} held-out queries, {how}, at most {result['max_tokens']} tokens. Adapter = "
+             f"{made}{len(result['queries'])} held-out queries, {how}, at most {result['max_tokens']} tokens. Adapter = "
              f"(1-w)·A + w·B at strength {result.get('strength', 1.0):g}. Attribute: mean over the answers. "
              "Spearman: attribute vs w over the points in "
              "[0, 1]. ppl ratio: highest perplexity on [0, 1] / the higher of the two endpoints (perplexity of "

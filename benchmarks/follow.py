@@ -31,6 +31,7 @@ from pathlib import Path
 
 from benchmarks import report
 from benchmarks.control import answer_nll, check_unseen, spread
+from benchmarks.server import adapter_name
 from vllm_t2l import checkpoint
 from vllm_t2l.launch import ServerProcess
 from vllm_t2l.models import DEFAULT_CHECKPOINT, prepare_default_model
@@ -74,10 +75,6 @@ def load_descriptions(path: Path = DESCRIPTIONS) -> list[dict]:
         if r["measure"] not in MEASURES or r["direction"] not in (1, -1):
             raise ValueError(f"{path}: bad measure or direction in {r}")
     return rows
-
-
-def adapter_name(description: str, strength: float) -> str:
-    return f"t2l:{description}" if strength == 1 else f"t2l[strength={strength:g}]:{description}"
 
 
 def served_answers(server: ServerProcess, jobs: list[tuple[str, str | None, str]], max_tokens: int,

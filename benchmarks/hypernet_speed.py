@@ -57,7 +57,8 @@ def main() -> None:
              "## Embed + forward, one new description per call, shipped checkpoints", "",
              f"On CPU the server runs these with {SERVED_THREADS} thread (`VLLM_T2L_CPU_THREADS`): vLLM's CPU worker "
              "keeps the other cores.", "",
-             "| checkpoint | embedder | descriptions | threads | p50 ms | p95 ms |", "|---|---|---|---|---|---|"]
+             "| checkpoint | embedder | strength | descriptions | threads | p50 ms | p95 ms |",
+             "|---|---|---|---|---|---|---|"]
 
     from benchmarks.server import descriptions
     from vllm_t2l.generator import Generator
@@ -69,18 +70,21 @@ def main() -> None:
     embed_forward = {}
     for folder in (MINILM_CHECKPOINT, STATIC_CHECKPOINT):
         gen = Generator.load(folder, device=args.device)
-        for kind, descs in texts.items():
-            tokens = statistics.median(gen.embedder.model.preprocess([d])["input_ids"].numel() for d in descs)
-            for n in sorted({SERVED_THREADS, threads}) if args.device == "cpu" else [threads]:
-                torch.set_num_threads(n)
-                it = iter(spec_from_parts([d]) for d in descs)
-                ms = timed(lambda g=gen, i=it: g.generate([next(i)]), args.repeats)
-                label = f"{kind}, median {tokens:.0f} tokens"
-                one = embed_forward[f"{folder.name}, {label}, {n} thread{'s' * (n > 1)}"] = {
-                    "p50": statistics.median(ms), "n": len(ms), "p95": sorted(ms)[int(0.95 * len(ms)) - 1],
-                    "descriptions": kind, "threads": n}
-                lines.append(f"| {folder.name} | {gen.checkpoint.embedder.name} | {label} | {n} | {one['p50']:.1f} | "
-                             f"{one['p95']:.1f} |")
+        # at a strength above 1 a checkpoint with a follow network runs that network too
+        for strength in sorted({1.0, gen.checkpoint.recommended_strength}):
+            for kind, descs in texts.items():
+                tokens = statistics.median(gen.embedder.model.preprocess([d])["input_ids"].numel() for d in descs)
+                for n in sorted({SERVED_THREADS, threads}) if args.device == "cpu" else [threads]:
+                    torch.set_num_threads(n)
+                    it = iter(spec_from_parts([d], strength=strength) for d in descs)
+                    ms = timed(lambda g=gen, i=it: g.generate([next(i)]), args.repeats)
+                    label = f"{kind}, median {tokens:.0f} tokens"
+                    at = "" if strength == 1 else f", strength {strength:g}"
+                    one = embed_forward[f"{folder.name}{at}, {label}, {n} thread{'s' * (n > 1)}"] = {
+                        "p50": statistics.median(ms), "n": len(ms), "p95": sorted(ms)[int(0.95 * len(ms)) - 1],
+                        "descriptions": kind, "threads": n, "strength": strength}
+                    lines.append(f"| {folder.name} | {gen.checkpoint.embedder.name} | {strength:g} | {label} | {n} | "
+                                 f"{one['p50']:.1f} | {one['p95']:.1f} |")
     torch.set_num_threads(threads)
     lines.append("")
     rows = []

@@ -158,11 +158,18 @@ def long_descriptions(n: int, tokens: int, tokenizer_path: str | Path) -> list[s
     return out
 
 
+def adapter_name(description: str, strength: float = 1.0) -> str:
+    """The served name of one description's adapter at ``strength``."""
+    return f"t2l:{description}" if strength == 1 else f"t2l[strength={strength:g}]:{description}"
+
+
 def write_adapters(adapters: dict[str, str], root: Path, base_model: str, batch: int = 64,
-                   checkpoint: str | Path | None = None, sidecar: bool = True) -> dict[str, Path]:
+                   checkpoint: str | Path | None = None, sidecar: bool = True,
+                   strength: float = 1.0) -> dict[str, Path]:
     """``{name: description}`` -> PEFT folders ``root/<name>``, as `vllm-t2l generate` writes them, with the
-    server's checkpoint (default: the embedded one). Without the ``sidecar`` (our metadata file) they are
-    plain PEFT folders, which vLLM's workers read with vLLM's own loader (see ``serving.worker_load``)."""
+    server's checkpoint (default: the embedded one), at ``strength``. Without the ``sidecar`` (our metadata
+    file) they are plain PEFT folders, which vLLM's workers read with vLLM's own loader (see
+    ``serving.worker_load``)."""
     from vllm_t2l.generator import Generator
     from vllm_t2l.models import DEFAULT_CHECKPOINT
     from vllm_t2l.names import spec_from_parts
@@ -172,11 +179,11 @@ def write_adapters(adapters: dict[str, str], root: Path, base_model: str, batch:
     paths = {}
     for start in range(0, len(items), batch):
         chunk = items[start:start + batch]
-        specs = [spec_from_parts([d]) for _, d in chunk]
+        specs = [spec_from_parts([d], strength=strength) for _, d in chunk]
         for (name, _), spec, lora in zip(chunk, specs, gen.generate(specs)):
             paths[name] = lora.save_peft(root / name, base_model, {
                 "checkpoint": gen.id, "descriptions": spec.descriptions, "weights": spec.weights,
-                "mode": spec.mode} if sidecar else None)
+                "mode": spec.mode, "strength": spec.strength} if sidecar else None)
     return paths
 
 

@@ -7,7 +7,6 @@ import pytest
 from benchmarks.control import check_unseen
 from benchmarks.follow import (
     MEASURES,
-    adapter_name,
     bars,
     earlier_teacher,
     load_descriptions,
@@ -42,11 +41,6 @@ def test_measures_order_answers(measure, param, low, high):
 def test_repetition_sees_loops():
     assert repetition("a rainbow. a rainbow. a rainbow. a rainbow.") > 0.5
     assert repetition("Boil the water, then add the egg.") == 0
-
-
-def test_adapter_names_carry_the_strength():
-    assert adapter_name("Be brief.", 1.0) == "t2l:Be brief."
-    assert adapter_name("Be brief.", 2.5) == "t2l[strength=2.5]:Be brief."
 
 
 def test_bars_read_the_recommended_strength_against_the_system_prompt():
