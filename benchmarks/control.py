@@ -290,8 +290,8 @@ def write_report(result: dict, pairs: list[Pair], out: Path) -> None:
            "by every w (common random numbers)")
     made = f"`{result['context']['command']}` ({result['context']['date']}). " if "context" in result else ""
     lines = [f"# Control curves ({ck['arch']} checkpoint {ck['id'][:12]})", "",
-             f"{made}{len(result['queries'])} held-out queries, {how}, at most {result['max_tokens']} tokens. Adapter = "
-             f"(1-w)·A + w·B at strength {result.get('strength', 1.0):g}. Attribute: mean over the answers. "
+             f"{made}{len(result['queries'])} held-out queries, {how}, at most {result['max_tokens']} tokens. "
+             f"Adapter = (1-w)·A + w·B at strength {result.get('strength', 1.0):g}. Attribute: mean over the answers. "
              "Spearman: attribute vs w over the points in "
              "[0, 1]. ppl ratio: highest perplexity on [0, 1] / the higher of the two endpoints (perplexity of "
              "the answers under the base model given the query, no system prompt). Bar: weight space, "

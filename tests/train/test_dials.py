@@ -41,7 +41,7 @@ def rewrite(style: str, text: str, ended: bool = True) -> tuple[str, bool]:
 def test_each_style_moves_its_own_measure(text):
     short, stop = rewrite("short", text)
     assert stop and word_count(short) <= 8 and short.endswith(".")
-    assert rewrite("long", text) == (text, True) and rewrite("long", text, ended=False) == (text, False)
+    assert rewrite("long", text) == (text, False)
     assert rewrite("plain", text) == (text, True) and rewrite("plain", text, ended=False) == (text, False)
     assert sentiment(rewrite("cheerful", text)[0]) > sentiment(text) > sentiment(rewrite("gloomy", text)[0])
     assert pirate(rewrite("pirate", text)[0]) > pirate(text) == 0
@@ -156,13 +156,10 @@ def test_samples_force_the_rule_and_leave_the_answer_to_the_teacher(student):
     base = student.tokenizer(ANSWERS[0], add_special_tokens=False)["input_ids"]
     triples = [(poles[style], poles[style]["descriptions"][i], query)
                for i, style in enumerate(["short", "long", "pirate"])]
-    longer = ANSWERS[0] + " It lies on the Seine."  # with a larger budget the base answer goes on to its end
-    whole = {query["text"]: student.tokenizer(longer, add_special_tokens=False)["input_ids"] + [eos]}
-    short, long, pirate = dials.samples(student, triples, {query["text"]: base + [eos]}, seed=0, top_k=4,
-                                        whole=whole)
-    assert short.response[-1] == eos and long.response[-1] == eos
+    short, long, pirate = dials.samples(student, triples, {query["text"]: base + [eos]}, seed=0, top_k=4)
+    assert short.response[-1] == eos and eos not in long.response
     assert student.tokenizer.decode(short.response[:-1]) == rewrite("short", ANSWERS[0])[0]
-    assert student.tokenizer.decode(long.response[:-1]) == longer
+    assert student.tokenizer.decode(long.response) == ANSWERS[0]
     assert short.student_prompt == student.prompt_ids(query["text"]) and short.prompt_id == "dial-short"
     for s in (short, long, pirate):
         assert s.top_ids.shape == s.top_logp.shape == (len(s.response), 4)
@@ -170,10 +167,6 @@ def test_samples_force_the_rule_and_leave_the_answer_to_the_teacher(student):
     forced = lambda s: dials.token_weights(s.top_logp, 8.0) == 8.0  # noqa: E731
     assert set(dials.token_weights(pirate.top_logp, 8.0).tolist()) == {1.0, 8.0}
     assert not forced(long).any() and forced(short).tolist() == [False] * (len(short.response) - 1) + [True]
-    # the long answer's own end is taught by the teacher (which may go on), weighted like a rule-made token
-    ends = [False] * (len(long.response) - 1) + [True]
-    assert long.marked().tolist() == ends and not short.marked().any() and len(pirate.marked()) == len(pirate.response)
-    assert (dials.token_weights(long.top_logp, 8.0, long.marked()) == 8.0).tolist() == ends
     tokens = [student.tokenizer.decode([t]) for t in pirate.response]
     assert "".join(t for t, f in zip(tokens, forced(pirate)) if f) == "Arr! ye ye Arr!<|im_end|>"
 

@@ -159,7 +159,7 @@ def signoff(text: str, rng: random.Random, word: str) -> tuple[str, bool]:
 # None keeps the base answer's own ending (and adds the style's closer when it ended).
 STYLES: dict[str, Callable[[str, random.Random], tuple[str, bool | None]]] = {
     "short": short,
-    "long": _unchanged,
+    "long": lambda text, rng: (text, False),
     "plain": _unchanged,
     "cheerful": _styled("cheerful", CHEERFUL_SWAPS),
     "gloomy": _styled("gloomy", GLOOMY_SWAPS),
@@ -173,10 +173,6 @@ STYLES: dict[str, Callable[[str, random.Random], tuple[str, bool | None]]] = {
     "bullets": bullets,
     "question": question,
 }
-# Styles whose end the teacher decides: the base answer is kept whole, to its own EOS, and the EOS is taught by the
-# teacher (which, asked for length, would go on), weighted like a rule-made token but not forced. Answers cut at a
-# training budget never reach the place where the model stops, so nothing else can teach length.
-SOFT_END = frozenset({"long"})
 # Styles with a parameter per wording (a pole's "params", one per description): the count, the limit, the word.
 PARAM_STYLES: dict[str, Callable[..., tuple[str, bool]]] = {"lines": lines, "words": word_limit, "signoff": signoff}
 
@@ -210,12 +206,11 @@ def param(pole: dict, description: str):
 RULED_LOGP = -1e4  # the other top-k entries of a rule-made token's one-hot row: exp() is 0 in fp16 and fp32
 
 
-def token_weights(top_logp: Tensor, ruled_weight: float | Tensor, weighted: Tensor | None = None) -> Tensor:
-    """Loss weight per teacher row: ``ruled_weight`` (one number, or one per row) where a rule wrote the token or
-    ``weighted`` marks it (a ``SOFT_END`` answer's end), 1 elsewhere. A short answer's only rule-made tokens are its
-    cut and early EOS, two rows in a batch of hundreds, too faint to learn at weight 1."""
-    marked = top_logp[:, 1] == RULED_LOGP
-    return torch.where(marked if weighted is None else marked | weighted, ruled_weight, 1.0)
+def token_weights(top_logp: Tensor, ruled_weight: float | Tensor) -> Tensor:
+    """Loss weight per teacher row: ``ruled_weight`` (one number, or one per row) where a rule wrote the token, 1
+    elsewhere. A short answer's only rule-made tokens are its cut and early EOS, two rows in a batch of hundreds,
+    too faint to learn at weight 1."""
+    return torch.where(top_logp[:, 1] == RULED_LOGP, ruled_weight, 1.0)
 
 
 def pole_weights(entries: tuple[str, ...], poles: list[dict]) -> dict[str, float]:
@@ -247,31 +242,27 @@ def rule_made(base: str, text: str) -> list[bool]:
 
 @torch.no_grad()
 def samples(student: Student, triples: list[tuple[dict, str, dict]], answers: dict[str, list[int]], seed: int,
-            top_k: int = 16, batch_size: int = 16, whole: dict[str, list[int]] | None = None) -> list[Sample]:
+            top_k: int = 16, batch_size: int = 16) -> list[Sample]:
     """Training samples whose tokens are taught two ways: where a rule wrote the token (and the final EOS), a
     one-hot row, so the KL is the cross-entropy of that token; elsewhere the teacher's top-k, the base model with
     the pole's wording as its system prompt, exactly as every distilled answer is taught. Only what the rule adds
     is forced, so the body of a dial answer does not pull adapters back towards the no-prompt base model.
 
-    ``answers`` maps each query to the base model's answer token ids (eos included when it stopped); ``whole``,
-    the same with a budget long enough to end, for ``SOFT_END`` styles (default: ``answers``). ``student`` must
-    have no adapters installed: its plain forward pass is the teacher.
+    ``answers`` maps each query to the base model's answer token ids (eos included when it stopped). ``student``
+    must have no adapters installed: its plain forward pass is the teacher.
     """
     rng = random.Random(seed)
     tok, eos = student.tokenizer, student.tokenizer.eos_token_id
     out, ruled = [], []
     for pole, desc, q in triples:
-        soft = pole["style"] in SOFT_END
-        ids = (whole if soft and whole else answers)[q["text"]]
+        ids = answers[q["text"]]
         base = tok.decode(ids, skip_special_tokens=True).strip()
         text, stop = target(pole["style"], base, bool(ids) and ids[-1] == eos, rng, param(pole, desc))
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         chars = rule_made(base, text)
-        written = [any(chars[a:b]) for a, b in enc["offset_mapping"]]
-        ruled.append(torch.tensor(written + ([not soft] if stop else [])))
+        ruled.append(torch.tensor([any(chars[a:b]) for a, b in enc["offset_mapping"]] + ([True] if stop else [])))
         out.append(Sample(pole["id"], desc, q["text"], student.prompt_ids(q["text"]),
-                          enc["input_ids"] + ([eos] if stop else []), torch.zeros(0), torch.zeros(0),
-                          torch.tensor([False] * len(written) + ([soft] if stop else []))))
+                          enc["input_ids"] + ([eos] if stop else []), torch.zeros(0), torch.zeros(0)))
     for i in range(0, len(out), batch_size):
         chunk = out[i: i + batch_size]
         batch = student.make_batch([student.prompt_ids(s.query, system=s.description) for s in chunk],
@@ -286,16 +277,10 @@ def samples(student: Student, triples: list[tuple[dict, str, dict]], answers: di
 
 
 def build(student: Student, model_dir: str | Path, triples: list[tuple[dict, str, dict]], max_new_tokens: int,
-          seed: int, top_k: int, whole_tokens: int = 0) -> list[Sample]:
-    """The base model answers every query once (vLLM's offline engine, no system prompt); rules do the rest.
-    With ``whole_tokens``, the queries of ``SOFT_END`` poles are also answered with that budget, to their end."""
+          seed: int, top_k: int) -> list[Sample]:
+    """The base model answers every query once (vLLM's offline engine, no system prompt); rules do the rest."""
     from vllm_t2l.serving.offline import answer
 
-    def answers(queries: list[str], budget: int) -> dict[str, list[int]]:
-        got = answer(model_dir, [[{"role": "user", "content": q}] for q in queries], budget, 1)
-        return {q: a.token_ids for q, a in zip(queries, got)}
-
-    soft = sorted({q["text"] for p, _, q in triples if p["style"] in SOFT_END}) if whole_tokens else []
-    whole = answers(soft, whole_tokens) if soft else None
-    return samples(student, triples, answers(sorted({q["text"] for _, _, q in triples}), max_new_tokens), seed,
-                   top_k, whole=whole)
+    queries = sorted({q["text"] for _, _, q in triples})
+    base = answer(model_dir, [[{"role": "user", "content": q}] for q in queries], max_new_tokens, 1)
+    return samples(student, triples, {q: a.token_ids for q, a in zip(queries, base)}, seed, top_k)

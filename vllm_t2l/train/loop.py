@@ -58,7 +58,6 @@ class TrainConfig:
     guidance: float = 2.0  # align: g of the guided teacher, l_base + g (l_prompt - l_base) (objectives.guided_logp)
     guided_share: float = 0.0  # align: share of rows taught at strength `guidance` against the guided teacher
     max_new_tokens: int = 32
-    whole_tokens: int = 0  # align: answer budget of the "long" pole's base answers, kept whole (0: max_new_tokens)
     top_k: int = 16
     prompt_ids: tuple[str, ...] = ()  # restrict training to these prompts (oracle adapters)
     adapters: str = ""  # recon: folder of PEFT adapter folders
@@ -111,7 +110,7 @@ def _examples(cfg: TrainConfig, student: Student, base_dir: Path, out: Path) -> 
         if cfg.dials:
             ruled = _cached(out / "dials.pt", lambda: dials.build(
                 student, base_dir, dials.pairs(data.load_dials(), queries, cfg.dials, cfg.seed), cfg.max_new_tokens,
-                cfg.seed, cfg.top_k, cfg.whole_tokens))
+                cfg.seed, cfg.top_k))
             if any(not s.top_ids.numel() for s in ruled):
                 raise ValueError(f"{out / 'dials.pt'} holds dial samples without teacher rows, from an older "
                                  "vllm-t2l (commit 2eaa031 or before); delete it to rebuild them")
@@ -259,7 +258,7 @@ def train(cfg: TrainConfig) -> Path:
                 per_token = objectives.distill_kl(logits, top_ids, top_logp)
                 ruled = torch.cat([torch.full((len(s.response),), by_pole.get(s.prompt_id, cfg.ruled_weight))
                                    for s in chunk])
-                weight = dials.token_weights(top_logp, ruled, torch.cat([s.marked() for s in chunk]))
+                weight = dials.token_weights(top_logp, ruled)
                 loss = (per_token * weight).sum() / weight.sum()
                 if reference is not None:
                     held = random.sample(anchors, min(cfg.batch_size, len(anchors)))

@@ -9,7 +9,7 @@ of the distribution is one "tail" bucket in the loss).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,12 +26,6 @@ class Sample:
     response: list[int]  # the teacher's greedy answer
     top_ids: torch.Tensor  # [len(response), k]
     top_logp: torch.Tensor  # [len(response), k]
-    # [len(response)] bool, or empty: positions taught by the teacher but weighted like rule-made ones
-    weighted: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
-
-    def marked(self) -> torch.Tensor:
-        """``weighted`` with one entry per response token."""
-        return self.weighted if len(self.weighted) else torch.zeros(len(self.response), dtype=torch.bool)
 
 
 def pairs(prompts: list[dict], queries: list[dict], per_prompt: int, seed: int,
