@@ -91,15 +91,6 @@ def fgen(tmp_path_factory, minilm):
     return tiny_generator("zhyper-diag", tmp_path_factory.mktemp("follow"), minilm, seed=5, follow=True)
 
 
-def first_network(net: HyperNet) -> HyperNet:
-    """A follow network's first network alone: what it serves at strength 1."""
-    from dataclasses import replace
-
-    first = HyperNet(replace(net.config, follow=False), net.shapes)
-    first.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("follow.")})
-    return first.eval()
-
-
 @pytest.fixture(scope="module")
 def lgen(tmp_path_factory, minilm):
     """A t2l-L generator, sharing the session's MiniLM."""

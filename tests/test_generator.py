@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import first_network, make_hypernet
+from conftest import make_hypernet
 
 from vllm_t2l import checkpoint as ckpt_mod
 from vllm_t2l.checkpoint import Checkpoint, CheckpointError
@@ -127,7 +127,7 @@ def test_strength_scales_the_update_exactly(which, name, request):
 @pytest.mark.parametrize("name", ["t2l:Be kind.", "t2l-mix:0.6*Be kind.||0.4*Be brief.",
                                   "t2l-mix[emb]:0.6*Be kind.||0.4*Be brief."])
 def test_a_follow_checkpoint_serves_its_first_network_at_strength_one_and_adds_the_rest(fgen, name):
-    first = Generator(Checkpoint(first_network(fgen.checkpoint.hypernet), fgen.checkpoint.embedder), fgen.embedder)
+    first = Generator(Checkpoint(fgen.checkpoint.hypernet.first_network(), fgen.checkpoint.embedder), fgen.embedder)
     def at(s: float) -> LoRAWeights:
         return fgen.generate_one(parse(name.replace(":", f"[strength={s}]:", 1).replace("[emb][", "[emb,")))
 

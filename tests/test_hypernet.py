@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_CONFIG, first_network, make_hypernet
+from conftest import TINY_CONFIG, make_hypernet
 
 from vllm_t2l.hypernet import ARCHS, BaseShapes, FoldedCodes, HyperConfig, HyperNet, sinusoid
 from vllm_t2l.lora import from_batch
@@ -308,7 +308,7 @@ def test_strength_one_is_the_first_network_and_s_adds_the_follow_adapter_s_minus
                   for s, r in ((1.0, c.rank), (3.0, c.served_rank))}
         per_row = from_batch(net.from_codes(net.at_strength(codes, torch.tensor([1.0, 3.0]))), 1,
                              c.alpha_for(c.served_rank), c.use_rslora)
-        alone = from_batch(first_network(net)(x), 1, c.alpha, c.use_rslora)
+        alone = from_batch(net.first_network()(x), 1, c.alpha, c.use_rslora)
         follow = from_batch(net.follow(x), 1, c.alpha, c.use_rslora)
         at_one = from_batch(net(x), 1, c.alpha, c.use_rslora)
     assert served[3.0].rank == per_row.rank == c.served_rank == 2 * c.rank
@@ -327,7 +327,7 @@ def test_folded_codes_can_leave_an_idle_follow_network_out(hypernet_factory):
     net = hypernet_factory("zhyper-diag", seed=7, follow=True)
     x = _emb(3, seed=5)
     with torch.no_grad():
-        want = first_network(net).codes(x)
+        want = net.first_network().codes(x)
     got = FoldedCodes(net)(x, follow=False)
     for m in want:
         torch.testing.assert_close(got[m], want[m], rtol=1e-5, atol=1e-5)

@@ -253,6 +253,12 @@ class HyperNet(nn.Module):
         self.follow = HyperNet(replace(c, follow=False), shapes) if c.follow else None
         self.reset_heads()
 
+    def first_network(self) -> HyperNet:
+        """This network without its follow network: what a follow checkpoint serves at strength 1."""
+        first = HyperNet(replace(self.config, follow=False), self.shapes)
+        first.load_state_dict({k: v for k, v in self.state_dict().items() if not k.startswith("follow.")})
+        return first.eval()
+
     def _head_out(self, mod: str) -> int:
         d_in, d_out = self.shapes.modules[mod]
         r = self.config.rank
