@@ -139,12 +139,3 @@ def test_follow_needs_an_init_and_guided_rows(tmp_path):
                {"follow": "new", "init": "x", "guided_share": 1.0, "arch": "zhyper-square"}):
         with pytest.raises(ValueError, match="--follow"):
             train(TrainConfig(out=str(tmp_path / "run"), **kw))
-
-
-def test_frames_embed_a_share_of_rows_inside_a_frame_and_need_a_share_in_range(align_config, tmp_path):
-    plain = weights(train(align_config("plain")))["heads.q_proj.weight"]
-    framed = weights(train(align_config("framed", frames=1.0)))["heads.q_proj.weight"]
-    assert framed.isfinite().all() and not torch.allclose(framed, plain)
-    for kw in ({"frames": 1.5}, {"frames": 0.5, "mode": "sft"}):
-        with pytest.raises(ValueError, match="--frames"):
-            train(TrainConfig(out=str(tmp_path / "run"), **kw))

@@ -27,7 +27,7 @@ from vllm_t2l.checkpoint import Checkpoint, CheckpointError, load
 from vllm_t2l.embed import Embedder
 from vllm_t2l.hypernet import BaseShapes, HyperConfig, HyperNet, LoRABatch
 from vllm_t2l.lora import METADATA_FILE, LoRAWeights
-from vllm_t2l.train import data, dials, frames, objectives, teacher
+from vllm_t2l.train import data, dials, objectives, teacher
 from vllm_t2l.train.student import Student
 
 
@@ -57,7 +57,6 @@ class TrainConfig:
     anchor_weight: float = 0.0  # align with --init: pull adapters of non-dial texts back to --init's (_anchors)
     guidance: float = 2.0  # align: g of the guided teacher, l_base + g (l_prompt - l_base) (objectives.guided_logp)
     guided_share: float = 0.0  # align: share of rows taught at strength `guidance` against the guided teacher
-    frames: float = 0.0  # align: share of rows whose description is embedded inside a random frame (train/frames.py)
     max_new_tokens: int = 32
     top_k: int = 16
     prompt_ids: tuple[str, ...] = ()  # restrict training to these prompts (oracle adapters)
@@ -167,8 +166,6 @@ def train(cfg: TrainConfig) -> Path:
     by_pole = dials.pole_weights(tuple(cfg.pole_weights), poles)  # a typo fails before any work
     if cfg.guided_share and (cfg.mode != "align" or not 0 < cfg.guided_share <= 1 or cfg.guidance <= 0):
         raise ValueError("--guided-share (in (0, 1]) and a positive --guidance need align mode")
-    if cfg.frames and (cfg.mode != "align" or not 0 < cfg.frames <= 1):
-        raise ValueError("--frames (a share in (0, 1]) needs align mode")
     if cfg.anchor_weight and (cfg.mode != "align" or not cfg.init):
         raise ValueError("--anchor-weight keeps adapters near the --init checkpoint's: it needs --init and align mode")
     if cfg.follow and (cfg.arch != "zhyper-diag" or not cfg.init or not cfg.guided_share):
@@ -215,9 +212,7 @@ def train(cfg: TrainConfig) -> Path:
         samples = _examples(cfg, student, base_dir, out)
         texts = sorted({s.description for s in samples})
     anchors = _anchors(samples, poles) if reference is not None else []
-    framed = frames.variants(texts) if cfg.frames else {}
-    every = texts + anchors + [f for fs in framed.values() for f in fs]
-    table = dict(zip(every, embedder(every)))
+    table = dict(zip(texts + anchors, embedder(texts + anchors)))
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -248,7 +243,7 @@ def train(cfg: TrainConfig) -> Path:
             loss = objectives.reconstruction(pred, target)
         else:
             chunk = [samples[i] for i in idx]
-            emb = torch.stack([table[_framed(s.description, framed, cfg.frames)] for s in chunk])
+            emb = torch.stack([table[s.description] for s in chunk])
             batch = student.make_batch([s.student_prompt for s in chunk], [s.response for s in chunk])
             strength = _strengths(cfg, len(chunk))
             top_ids, top_logp = torch.cat([s.top_ids for s in chunk]), torch.cat([s.top_logp for s in chunk])
@@ -314,11 +309,6 @@ def _strengths(cfg: TrainConfig, n: int) -> Tensor:
 
 
 @torch.no_grad()
-def _framed(text: str, framed: dict[str, list[str]], share: float) -> str:
-    """``text``, or for a ``share`` of calls one of its framed wordings. Draws nothing at share 0."""
-    return random.choice(framed[text]) if share and random.random() < share else text
-
-
 def _guided_targets(student: Student, batch, top_ids: Tensor, top_logp: Tensor, strength: Tensor,
                     guidance: float) -> Tensor:
     """``top_logp`` with the rows of guided samples replaced by the guided teacher's; the no-prompt model is the
