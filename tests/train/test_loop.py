@@ -3,7 +3,6 @@ path end to end on the real base model from cached teacher rows."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from vllm_t2l.checkpoint import CheckpointError, load
 from vllm_t2l.models import prepare_default_model
 from vllm_t2l.train import dials, objectives, teacher
 from vllm_t2l.train.data import load_dials, load_queries
-from vllm_t2l.train.loop import TrainConfig, _drop_words, train
+from vllm_t2l.train.loop import TrainConfig, train
 
 
 @pytest.fixture
@@ -140,21 +139,3 @@ def test_follow_needs_an_init_and_guided_rows(tmp_path):
                {"follow": "new", "init": "x", "guided_share": 1.0, "arch": "zhyper-square"}):
         with pytest.raises(ValueError, match="--follow"):
             train(TrainConfig(out=str(tmp_path / "run"), **kw))
-
-
-def test_word_dropout_embeds_descriptions_with_words_left_out_and_needs_a_chance_in_range(align_config, tmp_path):
-    plain = weights(train(align_config("plain")))["heads.q_proj.weight"]
-    dropped = weights(train(align_config("dropped", word_dropout=0.5)))["heads.q_proj.weight"]
-    assert dropped.isfinite().all() and not torch.allclose(dropped, plain)
-    for kw in ({"word_dropout": 1.0}, {"word_dropout": 0.3, "mode": "sft"}):
-        with pytest.raises(ValueError, match="--word-dropout"):
-            train(TrainConfig(out=str(tmp_path / "run"), **kw))
-
-
-def test_dropping_words_keeps_their_order_and_at_least_one():
-    random.seed(0)
-    text = "Talk like a pirate in every answer."
-    outs = [_drop_words(text, 0.5) for _ in range(200)]
-    assert all(o and [w for w in text.split() if w in o.split()] == o.split() for o in outs)
-    assert len(set(outs)) > 20
-    assert all(_drop_words(text, 0.999) in text.split() for _ in range(20))

@@ -57,7 +57,6 @@ class TrainConfig:
     anchor_weight: float = 0.0  # align with --init: pull adapters of non-dial texts back to --init's (_anchors)
     guidance: float = 2.0  # align: g of the guided teacher, l_base + g (l_prompt - l_base) (objectives.guided_logp)
     guided_share: float = 0.0  # align: share of rows taught at strength `guidance` against the guided teacher
-    word_dropout: float = 0.0  # align: chance that a word of a row's description is left out of its embedding
     max_new_tokens: int = 32
     top_k: int = 16
     prompt_ids: tuple[str, ...] = ()  # restrict training to these prompts (oracle adapters)
@@ -167,8 +166,6 @@ def train(cfg: TrainConfig) -> Path:
     by_pole = dials.pole_weights(tuple(cfg.pole_weights), poles)  # a typo fails before any work
     if cfg.guided_share and (cfg.mode != "align" or not 0 < cfg.guided_share <= 1 or cfg.guidance <= 0):
         raise ValueError("--guided-share (in (0, 1]) and a positive --guidance need align mode")
-    if cfg.word_dropout and (cfg.mode != "align" or not 0 < cfg.word_dropout < 1):
-        raise ValueError("--word-dropout (a chance in (0, 1)) needs align mode")
     if cfg.anchor_weight and (cfg.mode != "align" or not cfg.init):
         raise ValueError("--anchor-weight keeps adapters near the --init checkpoint's: it needs --init and align mode")
     if cfg.follow and (cfg.arch != "zhyper-diag" or not cfg.init or not cfg.guided_share):
@@ -246,10 +243,7 @@ def train(cfg: TrainConfig) -> Path:
             loss = objectives.reconstruction(pred, target)
         else:
             chunk = [samples[i] for i in idx]
-            if cfg.word_dropout:
-                emb = embedder([_drop_words(s.description, cfg.word_dropout) for s in chunk])
-            else:
-                emb = torch.stack([table[s.description] for s in chunk])
+            emb = torch.stack([table[s.description] for s in chunk])
             batch = student.make_batch([s.student_prompt for s in chunk], [s.response for s in chunk])
             strength = _strengths(cfg, len(chunk))
             top_ids, top_logp = torch.cat([s.top_ids for s in chunk]), torch.cat([s.top_logp for s in chunk])
@@ -315,15 +309,6 @@ def _strengths(cfg: TrainConfig, n: int) -> Tensor:
 
 
 @torch.no_grad()
-def _drop_words(text: str, chance: float) -> str:
-    """``text`` with each word left out at ``chance`` (one kept at least). A static embedder averages word
-    vectors, so a word common in one behaviour's wordings ("talk like" in a coach's) can carry an adapter on its
-    own; rows that lose words teach the network to read every word of a description."""
-    words = text.split()
-    kept = [w for w in words if random.random() >= chance]
-    return " ".join(kept) if kept else random.choice(words)
-
-
 def _guided_targets(student: Student, batch, top_ids: Tensor, top_logp: Tensor, strength: Tensor,
                     guidance: float) -> Tensor:
     """``top_logp`` with the rows of guided samples replaced by the guided teacher's; the no-prompt model is the
