@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import shlex
 import subprocess
 import sys
@@ -142,8 +143,10 @@ def _bars(out: Path) -> list[tuple[str, str, str, str]]:
         b, rec = f["bars"], f"{f['recommended']:g}"
         rows += [(f"follow, strength {rec}: moved the asked way on >= 90% of descriptions", f"{b['moved']:.0%}",
                   verdict(b["moved_met"]), "follow/follow.md"),
-                 (f"follow, strength {rec}: median shift >= 1.5x the system prompt's", f"{b['shift_ratio']:.2f}x",
-                  verdict(b["shift_met"]), "follow/follow.md"),
+                 (f"follow, strength {rec}: median shift >= 1.5x the system prompt's",
+                  f"{b['shift_ratio']:.2f}x" if math.isfinite(b["shift_ratio"]) else
+                  "undefined (the system prompt's median shift is not above 0)", verdict(b["shift_met"]),
+                  "follow/follow.md"),
                  (f"follow, strength {rec}: median perplexity <= 1.5x the system prompt's", f"{b['ppl_ratio']:.2f}x",
                   verdict(b["ppl_met"]), "follow/follow.md")]
     return rows

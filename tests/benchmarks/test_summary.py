@@ -31,3 +31,13 @@ def test_quality_and_control_bars_read_their_results(tmp_path):
     bars = {b[0].split(":")[0]: b for b in _bars(tmp_path)}
     assert bars["adapter quality (x)"][1:3] == ("49.0%", "NOT met")
     assert bars["control"][1:3] == ("2 of 2 pairs", "met")
+
+
+def test_a_follow_shift_ratio_without_a_system_prompt_shift_reads_undefined(tmp_path):
+    bars = {"moved": 0.73, "moved_met": False, "shift_ratio": float("nan"), "shift_met": False, "ppl_ratio": 1.29,
+            "ppl_met": True}
+    write(tmp_path / "follow" / "follow.json", {"recommended": 2.0, "bars": bars})
+    rows = {b[0]: b for b in _bars(tmp_path)}
+    shift = rows["follow, strength 2: median shift >= 1.5x the system prompt's"]
+    assert shift[1:3] == ("undefined (the system prompt's median shift is not above 0)", "NOT met")
+    assert rows["follow, strength 2: median perplexity <= 1.5x the system prompt's"][1:3] == ("1.29x", "met")
