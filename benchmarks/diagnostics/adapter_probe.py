@@ -8,8 +8,9 @@ vLLM server, so it runs in a minute beside a training run.
 Answers the first ``--queries`` held-out queries (greedy, at most ``--max-tokens``) with each wording's
 generated adapter and prints the mean of every measure of ``vllm_t2l/train/checks.py``, how many answers open
 with a dial rule's phrase (benchmarks/diagnostics/openers.py), the adapter's size (Frobenius norm of its whole
-update) and the first answer, then how near each wording's embedding lies to each dial pole's training wordings
-(mean cosine): a dial can only reach a wording its embedder puts near the right pole.
+update) and the first answer's start and end (where a sign-off or a closing question would be), then how near
+each wording's embedding lies to each dial pole's training wordings (mean cosine): a dial can only reach a
+wording its embedder puts near the right pole.
 A diagnostic, not a benchmark: the control curves (benchmarks/control.py) are the measurement.
 """
 
@@ -54,12 +55,13 @@ def main(argv: list[str] | None = None) -> None:
     student = Student(prepare_default_model(), gen.checkpoint.config.target_modules)
     queries = spread([q["text"] for q in data.load_queries() if q["split"] != "train"], args.queries)
     prompts = [student.prompt_ids(q) for q in queries]
-    print("| wording | " + " | ".join(SHOWN) + " | openers | ‖dW‖ | first answer |\n|---|" + "---|" * (len(SHOWN) + 3))
+    print("| wording | " + " | ".join(SHOWN) + " | openers | ‖dW‖ | first answer | its end |\n|---|"
+          + "---|" * (len(SHOWN) + 4))
     def row(label: str, answers: list[str], norm: str) -> None:
         means = [sum(map(MEASURES[m], answers)) / len(answers) for m in SHOWN]
-        first = answers[0].replace("\n", " ").replace("|", "/")[:120]
+        first = answers[0].replace("\n", " ").replace("|", "/")
         opened = sum(opener_counts([a.strip() for a in answers]).values())  # the styles' phrases do not overlap
-        cells = [f"{v:.2f}" for v in means] + [f"{opened}/{len(answers)}", norm, first]
+        cells = [f"{v:.2f}" for v in means] + [f"{opened}/{len(answers)}", norm, first[:120], first[-60:]]
         print(f"| {label} | " + " | ".join(cells) + " |")
 
     def answer(prompt_ids: list[list[int]]) -> list[str]:
