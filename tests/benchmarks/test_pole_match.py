@@ -1,0 +1,19 @@
+from benchmarks.diagnostics.pole_match import POLE, main, nearest_poles
+from benchmarks.follow import load_descriptions
+from vllm_t2l.generator import Generator
+from vllm_t2l.models import DEFAULT_CHECKPOINT
+from vllm_t2l.train.data import load_dials
+
+
+def test_every_follow_behaviour_has_a_dial_pole():
+    assert set(POLE) == {r["behaviour"] for r in load_descriptions()}
+    assert set(POLE.values()) <= {p["style"] for p in load_dials()}
+
+
+def test_nearest_poles_names_one_pole_per_description_and_main_counts_them(capsys):
+    texts = ["Answer like a pirate on the open sea.", "Reply in all capital letters."]
+    got = nearest_poles(Generator.load(DEFAULT_CHECKPOINT).embedder, texts)
+    assert len(got) == 2 and set(got) <= {p["style"] for p in load_dials()}
+    main([str(DEFAULT_CHECKPOINT)])
+    out = capsys.readouterr().out
+    assert f"of {len(load_descriptions())} nearest their own pole" in out
