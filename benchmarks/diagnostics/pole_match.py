@@ -6,12 +6,13 @@ its embedder puts near the right pole.
         vllm_t2l/checkpoints/smollm2-135m-minilm
 
 For each checkpoint's embedder: how many of `benchmarks/data/follow.jsonl`'s descriptions lie nearest (mean cosine
-to the pole's training wordings) to the pole of their own behaviour, and where the others land. Seconds, no model.
+to the pole's training wordings) to the pole of their own behaviour, and where the others land. Seconds; no base model.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ POLE = {"brevity": "short", "verbosity": "long", "capitals": "caps", "bullets": 
         "negative": "gloomy", "exclamations": "exclaim", "chef": "chef", "sports": "sports", "question": "question"}
 
 
-def nearest_poles(embed, descriptions: list[str]) -> list[str]:
+def nearest_poles(embed: Callable[[list[str]], torch.Tensor], descriptions: list[str]) -> list[str]:
     """The style of the dial pole each description lies nearest, by mean cosine to the pole's wordings."""
     poles = {p["style"]: F.normalize(embed(p["descriptions"]), dim=-1) for p in data.load_dials()}
     names, e = list(poles), F.normalize(embed(descriptions), dim=-1)
