@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.control import spread
 from benchmarks.diagnostics.openers import opener_counts
+from benchmarks.diagnostics.pole_match import pole_closeness
 from vllm_t2l.generator import Generator
 from vllm_t2l.models import prepare_default_model
 from vllm_t2l.names import spec_from_parts
@@ -83,11 +83,10 @@ def main(argv: list[str] | None = None) -> None:
             row(label, answers, f"{adapter.norm():.2f}")
         student.set_adapters(None)
 
-    poles = {p["style"]: F.normalize(gen.embedder(p["descriptions"]), dim=-1) for p in data.load_dials()}
-    print("\n| wording | " + " | ".join(poles) + " |\n|---|" + "---|" * len(poles))
-    for wording in args.wordings:
-        e = F.normalize(gen.embedder([wording]), dim=-1)[0]
-        print(f"| {wording} | " + " | ".join(f"{float((p @ e).mean()):.2f}" for p in poles.values()) + " |")
+    names, closeness = pole_closeness(gen.embedder, args.wordings)
+    print("\n| wording | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    for wording, cosines in zip(args.wordings, closeness.tolist()):
+        print(f"| {wording} | " + " | ".join(f"{c:.2f}" for c in cosines) + " |")
 
 
 if __name__ == "__main__":

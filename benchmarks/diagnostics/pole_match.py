@@ -26,11 +26,16 @@ POLE = {"brevity": "short", "verbosity": "long", "capitals": "caps", "bullets": 
         "negative": "gloomy", "exclamations": "exclaim", "chef": "chef", "sports": "sports", "question": "question"}
 
 
-def nearest_poles(embed: Callable[[list[str]], torch.Tensor], descriptions: list[str]) -> list[str]:
-    """The style of the dial pole each description lies nearest, by mean cosine to the pole's wordings."""
+def pole_closeness(embed: Callable[[list[str]], torch.Tensor], texts: list[str]) -> tuple[list[str], torch.Tensor]:
+    """The dial poles' styles, and each text's mean cosine to each pole's training wordings [texts, poles]."""
     poles = {p["style"]: F.normalize(embed(p["descriptions"]), dim=-1) for p in data.load_dials()}
-    names, e = list(poles), F.normalize(embed(descriptions), dim=-1)
-    closeness = torch.stack([(e @ poles[n].T).mean(dim=1) for n in names], dim=1)
+    e = F.normalize(embed(texts), dim=-1)
+    return list(poles), torch.stack([(e @ wordings.T).mean(dim=1) for wordings in poles.values()], dim=1)
+
+
+def nearest_poles(embed: Callable[[list[str]], torch.Tensor], descriptions: list[str]) -> list[str]:
+    """The style of the dial pole each description lies nearest."""
+    names, closeness = pole_closeness(embed, descriptions)
     return [names[i] for i in closeness.argmax(dim=1).tolist()]
 
 
