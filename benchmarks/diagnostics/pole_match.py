@@ -3,22 +3,30 @@ follow failure from the hypernetwork's: a network trained on the poles' wordings
 its embedder puts near the right pole.
 
     .venv/bin/python -m benchmarks.diagnostics.pole_match vllm_t2l/checkpoints/smollm2-135m-static \\
-        vllm_t2l/checkpoints/smollm2-135m-minilm
+        vllm_t2l/checkpoints/smollm2-135m-minilm --minilm-layers 1 2 3
 
 For each checkpoint's embedder: how many of `benchmarks/data/follow.jsonl`'s descriptions lie nearest (mean cosine
-to the pole's training wordings) to the pole of their own behaviour, and where the others land. Seconds; no base model.
+to the pole's training wordings) to the pole of their own behaviour, where the others land, and the median time to
+embed one description on one thread. `--minilm-layers K` asks the same of the packaged MiniLM cut to its first K
+transformer layers (an embedder no checkpoint uses yet): how much context a cheap embedder needs. `--wordings W ...`
+adds each wording's three nearest poles. Seconds; no base model.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import tempfile
+import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.follow import load_descriptions
+from vllm_t2l.embed import Embedder
 from vllm_t2l.generator import Generator
+from vllm_t2l.models import default_embedder_path
 from vllm_t2l.train import data
 
 POLE = {"brevity": "short", "verbosity": "long", "capitals": "caps", "bullets": "bullets", "sign-off": "signoff",
@@ -39,22 +47,71 @@ def nearest_poles(embed: Callable[[list[str]], torch.Tensor], descriptions: list
     return [names[i] for i in closeness.argmax(dim=1).tolist()]
 
 
+def minilm_cut(layers: int, folder: str) -> Embedder:
+    """The packaged MiniLM with only its first ``layers`` transformer layers, saved to ``folder`` and loaded back
+    as a checkpoint's sentence-transformers embedder is, so that its timing is the served path's."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(default_embedder_path()), device="cpu", local_files_only=True)
+    encoder = model[0].auto_model
+    encoder.encoder.layer = encoder.encoder.layer[:layers]
+    encoder.config.num_hidden_layers = layers
+    model.save(folder)
+    return Embedder.describe(folder, f"all-MiniLM-L6-v2, first {layers} layers")
+
+
+def median_ms(embed: Callable[[list[str]], torch.Tensor], texts: list[str]) -> float:
+    """Median milliseconds to embed one text alone, as a cold miss does, on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        embed(texts[:1])
+        times = []
+        for text in texts:
+            start = time.perf_counter()
+            embed([text])
+            times.append((time.perf_counter() - start) * 1000)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line, apart from running it, so that the docs' commands can be checked against it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoints", nargs="+")
+    parser.add_argument("checkpoints", nargs="*")
+    parser.add_argument("--minilm-layers", type=int, nargs="*", default=[], metavar="K",
+                        help="also the packaged MiniLM cut to its first K transformer layers (1 to 6)")
+    parser.add_argument("--wordings", nargs="*", default=[], metavar="W",
+                        help="also print these wordings' three nearest poles")
     return parser
+
+
+def report(name: str, embed: Callable[[list[str]], torch.Tensor], rows: list[dict], wordings: list[str]) -> None:
+    descriptions = [r["description"] for r in rows]
+    with torch.no_grad():
+        names, closeness = pole_closeness(embed, descriptions + wordings)
+        ms = median_ms(embed, descriptions)
+    got = [names[i] for i in closeness[:len(rows)].argmax(dim=1).tolist()]
+    misses = [f'{r["behaviour"]} -> {g}' for r, g in zip(rows, got) if g != POLE[r["behaviour"]]]
+    print(f"{name}: {len(rows) - len(misses)} of {len(rows)} nearest their own pole, {ms:.2f} ms per description"
+          + (f"; the others: {', '.join(misses)}" if misses else ""))
+    for wording, row in zip(wordings, closeness[len(rows):]):
+        top = row.topk(3)
+        nearest = zip(top.values.tolist(), top.indices.tolist())
+        print(f"  {wording!r}: " + ", ".join(f"{names[i]} {v:.2f}" for v, i in nearest))
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if bad := [k for k in args.minilm_layers if not 1 <= k <= 6]:
+        raise SystemExit(f"--minilm-layers: MiniLM has layers 1 to 6, not {bad[0]}")
     rows = load_descriptions()
     for checkpoint in args.checkpoints:
-        with torch.no_grad():
-            got = nearest_poles(Generator.load(checkpoint).embedder, [r["description"] for r in rows])
-        misses = [f'{r["behaviour"]} -> {g}' for r, g in zip(rows, got) if g != POLE[r["behaviour"]]]
-        print(f"{checkpoint}: {len(rows) - len(misses)} of {len(rows)} nearest their own pole"
-              + (f"; the others: {', '.join(misses)}" if misses else ""))
+        report(checkpoint, Generator.load(checkpoint).embedder, rows, args.wordings)
+    for layers in args.minilm_layers:
+        with tempfile.TemporaryDirectory() as folder:
+            report(f"MiniLM, first {layers} of 6 layers", minilm_cut(layers, folder), rows, args.wordings)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-from benchmarks.diagnostics.pole_match import POLE, main, nearest_poles
+import pytest
+
+from benchmarks.diagnostics.pole_match import POLE, main, minilm_cut, nearest_poles
 from benchmarks.follow import load_descriptions
 from vllm_t2l.generator import Generator
 from vllm_t2l.models import DEFAULT_CHECKPOINT
@@ -17,3 +19,17 @@ def test_nearest_poles_names_one_pole_per_description_and_main_counts_them(capsy
     main([str(DEFAULT_CHECKPOINT)])
     out = capsys.readouterr().out
     assert f"of {len(load_descriptions())} nearest their own pole" in out
+
+
+def test_a_cut_minilm_embeds_like_a_checkpoint_and_is_reported(tmp_path, capsys):
+    cut = minilm_cut(1, str(tmp_path / "cut"))
+    assert cut.model[0].auto_model.config.num_hidden_layers == 1
+    assert cut(["Talk like a pirate."]).shape == (1, 384)
+    main(["--minilm-layers", "1", "--wordings", "Talk like a pirate."])
+    out = capsys.readouterr().out
+    assert "MiniLM, first 1 of 6 layers: " in out and "'Talk like a pirate.': " in out
+
+
+def test_minilm_layers_out_of_range_is_one_line():
+    with pytest.raises(SystemExit, match="layers 1 to 6, not 7"):
+        main(["--minilm-layers", "7"])
