@@ -41,21 +41,15 @@ def pole_closeness(embed: Callable[[list[str]], torch.Tensor], texts: list[str])
     return list(poles), torch.stack([(e @ wordings.T).mean(dim=1) for wordings in poles.values()], dim=1)
 
 
-def nearest_poles(embed: Callable[[list[str]], torch.Tensor], descriptions: list[str]) -> list[str]:
-    """The style of the dial pole each description lies nearest."""
-    names, closeness = pole_closeness(embed, descriptions)
-    return [names[i] for i in closeness.argmax(dim=1).tolist()]
-
-
 def minilm_cut(layers: int, folder: str) -> Embedder:
     """The packaged MiniLM with only its first ``layers`` transformer layers, saved to ``folder`` and loaded back
     as a checkpoint's sentence-transformers embedder is, so that its timing is the served path's."""
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(default_embedder_path()), device="cpu", local_files_only=True)
-    encoder = model[0].auto_model
-    encoder.encoder.layer = encoder.encoder.layer[:layers]
-    encoder.config.num_hidden_layers = layers
+    bert = model[0].auto_model
+    bert.encoder.layer = bert.encoder.layer[:layers]
+    bert.config.num_hidden_layers = layers
     model.save(folder)
     return Embedder.describe(folder, f"all-MiniLM-L6-v2, first {layers} layers")
 

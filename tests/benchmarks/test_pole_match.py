@@ -1,6 +1,6 @@
 import pytest
 
-from benchmarks.diagnostics.pole_match import POLE, main, minilm_cut, nearest_poles
+from benchmarks.diagnostics.pole_match import POLE, main, minilm_cut, pole_closeness
 from benchmarks.follow import load_descriptions
 from vllm_t2l.generator import Generator
 from vllm_t2l.models import DEFAULT_CHECKPOINT
@@ -12,10 +12,10 @@ def test_every_follow_behaviour_has_a_dial_pole():
     assert set(POLE.values()) <= {p["style"] for p in load_dials()}
 
 
-def test_nearest_poles_names_one_pole_per_description_and_main_counts_them(capsys):
+def test_pole_closeness_gives_every_text_one_cosine_per_pole_and_main_counts_them(capsys):
     texts = ["Answer like a pirate on the open sea.", "Reply in all capital letters."]
-    got = nearest_poles(Generator.load(DEFAULT_CHECKPOINT).embedder, texts)
-    assert len(got) == 2 and set(got) <= {p["style"] for p in load_dials()}
+    names, closeness = pole_closeness(Generator.load(DEFAULT_CHECKPOINT).embedder, texts)
+    assert names == [p["style"] for p in load_dials()] and closeness.shape == (2, len(names))
     main([str(DEFAULT_CHECKPOINT)])
     out = capsys.readouterr().out
     assert f"of {len(load_descriptions())} nearest their own pole" in out
