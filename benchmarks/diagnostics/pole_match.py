@@ -8,8 +8,9 @@ its embedder puts near the right pole.
 For each checkpoint's embedder: how many of `benchmarks/data/follow.jsonl`'s descriptions lie nearest (mean cosine
 to the pole's training wordings) to the pole of their own behaviour, where the others land, and the median time to
 embed one description on one thread. `--minilm-layers K` asks the same of the packaged MiniLM cut to its first K
-transformer layers (an embedder no checkpoint uses yet): how much context a cheap embedder needs. `--wordings W ...`
-adds each wording's three nearest poles. Seconds; no base model.
+transformer layers (an embedder no checkpoint uses yet): how much context a cheap embedder needs. `--idf A ...` asks
+it of each static-embedder checkpoint's embedder with description-idf ** A token weights (diagnostics/idf.py).
+`--wordings W ...` adds each wording's three nearest poles. Seconds; no base model.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from benchmarks.diagnostics.idf import idf_embedder
 from benchmarks.follow import load_descriptions
 from vllm_t2l.embed import Embedder
 from vllm_t2l.generator import Generator
@@ -76,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("checkpoints", nargs="*")
     parser.add_argument("--minilm-layers", type=int, nargs="*", default=[], metavar="K",
                         help="also the packaged MiniLM cut to its first K transformer layers (1 to 6)")
+    parser.add_argument("--idf", type=float, nargs="*", default=[], metavar="A",
+                        help="also each checkpoint's static embedder with description-idf ** A token weights")
     parser.add_argument("--wordings", nargs="*", default=[], metavar="W",
                         help="also print these wordings' three nearest poles")
     return parser
@@ -102,7 +106,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--minilm-layers: MiniLM has layers 1 to 6, not {bad[0]}")
     rows = load_descriptions()
     for checkpoint in args.checkpoints:
-        report(checkpoint, Generator.load(checkpoint).embedder, rows, args.wordings)
+        embedder = Generator.load(checkpoint).embedder
+        report(checkpoint, embedder, rows, args.wordings)
+        for alpha in args.idf:
+            report(f"{checkpoint}, description-idf ** {alpha:g}", idf_embedder(embedder, alpha), rows, args.wordings)
     for layers in args.minilm_layers:
         with tempfile.TemporaryDirectory() as folder:
             report(f"MiniLM, first {layers} of 6 layers", minilm_cut(layers, folder), rows, args.wordings)

@@ -33,3 +33,9 @@ def test_a_cut_minilm_embeds_like_a_checkpoint_and_is_reported(tmp_path, capsys)
 def test_minilm_layers_out_of_range_is_one_line():
     with pytest.raises(SystemExit, match="layers 1 to 6, not 7"):
         main(["--minilm-layers", "7"])
+
+
+def test_idf_weights_are_reported_beside_the_checkpoints_embedder(capsys):
+    main([str(DEFAULT_CHECKPOINT), "--idf", "1"])
+    out = capsys.readouterr().out
+    assert f"{DEFAULT_CHECKPOINT}, description-idf ** 1: " in out
