@@ -102,6 +102,8 @@ def report(name: str, embed: Callable[[list[str]], torch.Tensor], rows: list[dic
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if not args.checkpoints and not args.minilm_layers:
+        raise SystemExit("name a checkpoint, or --minilm-layers K, whose embedder to ask")
     if bad := [k for k in args.minilm_layers if not 1 <= k <= 6]:
         raise SystemExit(f"--minilm-layers: MiniLM has layers 1 to 6, not {bad[0]}")
     rows = load_descriptions()

@@ -39,3 +39,8 @@ def test_idf_weights_are_reported_beside_the_checkpoints_embedder(capsys):
     main([str(DEFAULT_CHECKPOINT), "--idf", "1"])
     out = capsys.readouterr().out
     assert f"{DEFAULT_CHECKPOINT}, description-idf ** 1: " in out
+
+
+def test_nothing_to_ask_is_one_line():
+    with pytest.raises(SystemExit, match="name a checkpoint, or --minilm-layers K"):
+        main(["--idf", "1"])
