@@ -25,7 +25,7 @@ from benchmarks.follow import MEASURES, load_descriptions, repetition
 from vllm_t2l.generator import Generator
 from vllm_t2l.lora import LoRAWeights, from_batch
 from vllm_t2l.models import prepare_default_model
-from vllm_t2l.names import spec_from_parts
+from vllm_t2l.names import AdapterNameError, check_strength, spec_from_parts
 from vllm_t2l.train import data
 from vllm_t2l.train.evaluate import as_batch
 from vllm_t2l.train.student import Student
@@ -61,7 +61,11 @@ def adapters(gen: Generator, descriptions: list[str], strength: float,
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     gen = Generator.load(args.checkpoint)
-    strength = args.strength or gen.checkpoint.recommended_strength
+    strength = gen.checkpoint.recommended_strength if args.strength is None else args.strength
+    try:
+        check_strength(strength)
+    except AdapterNameError as e:
+        raise SystemExit(f"--strength: {e}") from None
     follow_embed = None
     if args.follow_idf is not None:
         if strength == 1 or gen.checkpoint.hypernet.follow is None:

@@ -55,3 +55,8 @@ def test_main_counts_the_descriptions_moved(capsys):
 def test_follow_idf_at_strength_one_is_one_line():
     with pytest.raises(SystemExit, match="a strength other than 1"):
         main([str(DEFAULT_CHECKPOINT), "--strength", "1", "--follow-idf", "1"])
+
+
+def test_a_strength_out_of_range_is_one_line():
+    with pytest.raises(SystemExit, match="--strength: strength -1.0 is outside"):
+        main([str(DEFAULT_CHECKPOINT), "--strength", "-1"])
