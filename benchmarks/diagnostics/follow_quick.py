@@ -14,8 +14,10 @@ weights (benchmarks/diagnostics/idf.py) while the first network reads the checkp
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--descriptions", type=int, default=0, help="use the first N descriptions (0: all)")
     parser.add_argument("--follow-idf", type=float, metavar="A",
                         help="the follow network reads the description with description-idf ** A token weights")
+    parser.add_argument("--answers", type=Path, metavar="JSON", help="also write every answer here")
     return parser
 
 
@@ -89,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         for (i, _), text in zip(chunk, answer([prompts[q] for _, q in chunk])):
             got.setdefault(i, []).append(text)
     student.set_adapters(None)
+    if args.answers:
+        args.answers.write_text(json.dumps({"base": base} | {d["description"]: got[i] for i, d in enumerate(descs)}))
 
     moved: dict[str, list[bool]] = {}
     for i, d in enumerate(descs):

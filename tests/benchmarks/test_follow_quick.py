@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -44,9 +46,11 @@ def test_a_follow_network_fed_the_plain_embedding_makes_the_served_adapters(gen)
             assert not torch.allclose(a.A[m], c.A[m], atol=1e-3)
 
 
-def test_main_counts_the_descriptions_moved(capsys):
+def test_main_counts_the_descriptions_moved_and_writes_the_answers(capsys, tmp_path):
     main([str(DEFAULT_CHECKPOINT), "--descriptions", "2", "--queries", "1", "--max-tokens", "8",
-          "--follow-idf", "0.5"])
+          "--follow-idf", "0.5", "--answers", str(tmp_path / "answers.json")])
+    answers = json.loads((tmp_path / "answers.json").read_text())
+    assert len(answers) == 3 and all(len(texts) == 1 and texts[0] for texts in answers.values())
     out = capsys.readouterr().out
     assert "at strength 2, follow network on idf ** 0.5: moved " in out and " of 2 (" in out
     assert out.splitlines()[-1].startswith("per behaviour: brevity ")
