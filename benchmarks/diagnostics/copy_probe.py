@@ -42,7 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=0.003)
     parser.add_argument("--ruled-weight", type=float, default=8.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--extra-words", type=int, default=0, metavar="N",
+                        help="also train on N words from the base model's vocabulary, each in one of the pole's "
+                        "wordings")
     return parser
+
+
+def vocabulary_rows(tokenizer, rows: list[tuple[str, str]], held_out: set[str], n: int,
+                    rng: random.Random) -> list[tuple[str, str]]:
+    """``n`` (wording, word) rows: capitalised whole words of the tokenizer's vocabulary (one token with a leading
+    space, at least four letters), none a held-out or pole word, each put into one of the pole's wordings."""
+    frames = sorted({d.replace(w, "{}") for d, w in rows})
+    taken = held_out | {w.lower() for _, w in rows}
+    words = sorted({t[1:].capitalize() for t in tokenizer.get_vocab() if t.startswith("\u0120") and t[1:].isalpha()
+                    and t[1:].isascii() and len(t) > 4 and t[1:].lower() not in taken})
+    return [(rng.choice(frames).format(w), w) for w in rng.sample(words, min(n, len(words)))]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     pole = next(p for p in data.load_dials() if p["style"] == "signoff")
     train_rows = list(zip(pole["descriptions"], pole["params"]))
     test_rows = [(d["description"], d["param"]) for d in load_descriptions() if d["measure"] == "ends_with"]
+    train_rows += vocabulary_rows(student.tokenizer, train_rows, {w.lower() for _, w in test_rows},
+                                  args.extra_words, rng)
     seen_words = {w.lower() for _, w in train_rows}
     if any(w.lower() in seen_words for _, w in test_rows):
         raise SystemExit("a held-out sign-off word is also a training word")
