@@ -20,7 +20,7 @@ import statistics
 import torch
 
 from benchmarks.control import spread
-from benchmarks.diagnostics.fit_probe import answers, install, lora_of, rule_targets, ruled_loss
+from benchmarks.diagnostics.fit_probe import add_fit_options, answers, install, lora_of, rule_targets, ruled_loss
 from benchmarks.follow import MEASURES, load_descriptions
 from vllm_t2l.generator import Generator
 from vllm_t2l.models import prepare_default_model
@@ -32,16 +32,8 @@ from vllm_t2l.train.student import Student
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint")
-    parser.add_argument("--strength", type=float, help="of the served codes (default: the recommended one)")
-    parser.add_argument("--train-queries", type=int, default=48)
-    parser.add_argument("--queries", type=int, default=8, help="held-out queries scored per description")
-    parser.add_argument("--answer-tokens", type=int, default=64, help="budget of the base answers targets start from")
-    parser.add_argument("--max-tokens", type=int, default=80, help="budget of the scored answers")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=0.003)
-    parser.add_argument("--ruled-weight", type=float, default=8.0)
-    parser.add_argument("--seed", type=int, default=0)
+    add_fit_options(parser, steps=200)
     parser.add_argument("--extra-words", type=int, default=0, metavar="N",
                         help="also train on N words from the base model's vocabulary, each in one of the pole's "
                         "wordings")

@@ -43,6 +43,20 @@ FITS = {"codes": "codes fitted in the checkpoint's basis", "lora": "A and B fitt
         "A": "A fitted freely, B the basis's", "B": "B fitted freely, A from the codes", "none": "the served adapter"}
 
 
+def add_fit_options(parser: argparse.ArgumentParser, steps: int) -> None:
+    """The options a fit to rule-made targets shares with ``copy_probe``."""
+    parser.add_argument("--strength", type=float, help="of the served codes (default: the recommended one)")
+    parser.add_argument("--train-queries", type=int, default=48)
+    parser.add_argument("--queries", type=int, default=8, help="held-out queries scored")
+    parser.add_argument("--answer-tokens", type=int, default=64, help="budget of the base answers targets start from")
+    parser.add_argument("--max-tokens", type=int, default=80, help="budget of the scored answers")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--ruled-weight", type=float, default=8.0, help="loss weight of the tokens the rule wrote "
+                        "(and the final EOS), as a dial pole's weight in training")
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint")
@@ -50,18 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--style", required=True, choices=sorted(STYLE_MEASURE), help="the rule that writes targets")
     parser.add_argument("--param", help="the style's parameter: the sign-off word, the line count, the word limit")
     parser.add_argument("--fit", choices=FITS, default="codes")
-    parser.add_argument("--strength", type=float, help="of the starting adapter (default: the recommended one)")
-    parser.add_argument("--train-queries", type=int, default=48)
-    parser.add_argument("--queries", type=int, default=8, help="held-out queries scored")
-    parser.add_argument("--answer-tokens", type=int, default=64, help="budget of the base answers targets start from")
-    parser.add_argument("--max-tokens", type=int, default=80, help="budget of the scored answers")
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, help="default: 0.01 for codes, 0.001 for lora")
-    parser.add_argument("--ruled-weight", type=float, default=8.0, help="loss weight of the tokens the rule wrote "
-                        "(and the final EOS), as a dial pole's weight in training")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save", type=Path, metavar="FILE", help="write the fitted codes, or A and B (safetensors)")
+    add_fit_options(parser, steps=150)
     return parser
 
 
