@@ -70,12 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def rule_targets(student: Student, answers: list[list[int]], style: str, params: list, rng: random.Random,
+def rule_targets(student: Student, base_ids: list[list[int]], style: str, params: list, rng: random.Random,
                  ) -> tuple[list[list[int]], list[list[bool]]]:
     """The rule's rewrite of each base answer (token ids, EOS when the rule stops) and which tokens it wrote."""
     tok, eos = student.tokenizer, student.tokenizer.eos_token_id
     responses, ruled = [], []
-    for ids, param in zip(answers, params):
+    for ids, param in zip(base_ids, params):
         base = tok.decode(ids, skip_special_tokens=True).strip()
         text, stop = dials.target(style, base, bool(ids) and ids[-1] == eos, rng, param)
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -182,11 +182,11 @@ def main(argv: list[str] | None = None) -> None:
         return statistics.fmean(fn(t, param) for t in out), out
 
     base, _ = scored(held, False)
-    fitted, answers = scored(held, True)
+    fitted, shown = scored(held, True)
     seen, _ = scored(train[: args.queries], True)
     print(f"{args.style} ({STYLE_MEASURE[args.style]}, param {param}) at strength {strength:g}, {FITS[args.fit]}: "
           f"held-out {fitted:.2f} (base model {base:.2f}), training queries {seen:.2f}")
-    for q, a in zip(held[:3], answers):
+    for q, a in zip(held[:3], shown):
         print(f"  {q} -> {a[-160:]!r}")
 
 
