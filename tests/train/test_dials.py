@@ -149,13 +149,6 @@ def test_rule_made_marks_openers_swaps_and_cuts_but_not_the_answer():
     assert not any(rule_made(base, "You can see the stars."))  # a cut keeps the words it keeps
 
 
-def test_rule_made_marks_the_line_breaks_a_rule_put_in_but_not_the_answers_own():
-    base = "You can see the stars. They are far away.\nLook up."
-    two, _ = dials.lines(base, random.Random(0), 2)
-    assert two == "You can see the stars.\nThey are far away." and "".join(
-        c for c, m in zip(two, rule_made(base, two)) if m) == "\n"
-    assert not any(rule_made(base, "They are far away.\nLook up."))
-
 def test_samples_force_the_rule_and_leave_the_answer_to_the_teacher(student):
     eos = student.tokenizer.eos_token_id
     poles = {p["style"]: p for p in load_dials()}

@@ -232,11 +232,9 @@ def pole_weights(entries: tuple[str, ...], poles: list[dict]) -> dict[str, float
 
 
 def rule_made(base: str, text: str) -> list[bool]:
-    """Per character of ``text``: True where a rule wrote it (opener, swapped word, closer, a line break it put
-    in), False where it is the base answer's own text or a space, so a token like " The" after an opener is still
-    the answer's. A line break is the whole of what a line-count rule writes, so it is never left to a teacher,
-    who would go on with the sentence."""
-    out = [c == "\n" or not c.isspace() for c in text]
+    """Per character of ``text``: True where a rule wrote it (opener, swapped word, closer), False where it is the
+    base answer's own text or a space, so a token like " The" after an opener is still the answer's."""
+    out = [not c.isspace() for c in text]
     for block in difflib.SequenceMatcher(None, base, text, autojunk=False).get_matching_blocks():
         out[block.b: block.b + block.size] = [False] * block.size
     return out
