@@ -154,10 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     def adapter() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return lora_of(basis, codes) if args.fit == "codes" else free
 
-    params = list(codes.values()) + [t for pair in free.values() for t in pair if t.requires_grad]
-    if args.fit != "none":
-        opt = torch.optim.Adam([p for p in params if p.requires_grad],
-                               lr=args.lr or (0.01 if args.fit == "codes" else 0.001))
+    params = [t for t in [*codes.values(), *(t for pair in free.values() for t in pair)] if t.requires_grad]
+    if params:
+        opt = torch.optim.Adam(params, lr=args.lr or (0.01 if args.fit == "codes" else 0.001))
         for step in range(1, args.steps + 1):
             idx = rng.sample(range(len(train)), min(args.batch_size, len(train)))
             install(student, adapter(), len(idx), c.scaling)
